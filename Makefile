@@ -1,0 +1,64 @@
+# The front door. `make run` and `make test` do all set-up on a fresh Debian machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+MODEL := models/all-MiniLM-L6-v2/export.json
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the test suite starts for real.
+SYSTEM_PACKAGES := redis-server
+
+.PHONY: help install run test lint format bench model system-deps clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMPS)/venv: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first: otherwise a dependency asking for torch pulls CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/dev: $(STAMPS)/venv
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+$(MODEL): $(STAMPS)/venv
+	$(BIN)/python -m api export-model
+
+model: $(MODEL)  ## export the embedding model to ONNX (once)
+
+install: $(STAMPS)/venv $(MODEL)  ## venv, packages and the ONNX model
+
+run: install  ## serve the API on http://127.0.0.1:8000 (embedded Chroma under ./data)
+	$(BIN)/python -m api serve
+
+system-deps:  ## Debian packages the tests need (redis-server)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@# The packaged redis service is not what the tests use; they start their own servers.
+	@-$(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true
+
+lint: $(STAMPS)/dev  ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMPS)/dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install $(STAMPS)/dev system-deps lint  ## the whole suite, with real redis-server and chroma
+	$(BIN)/pytest
+
+bench: install $(STAMPS)/dev  ## embedding, ingest and /query throughput (docs/BENCHMARKS.md)
+	$(BIN)/python -m benchmarks.service
+
+clean:  ## remove the venv, exported model and local data
+	rm -rf $(VENV) $(STAMPS) models data .mypy_cache .ruff_cache .pytest_cache

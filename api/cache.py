@@ -1,0 +1,142 @@
+"""Redis cache for answers and query embeddings that never makes a query fail.
+
+Answer keys carry the corpus generation, a random token replaced on every ingest and
+delete, so a changed corpus makes every older answer unreachable at once (the TTL then
+reclaims them). When Redis stops answering the cache switches itself off after one
+warning, a background probe waits for Redis to return, and on return the generation is
+replaced: writes made while Redis was away could not announce themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import unicodedata
+import uuid
+from typing import Any
+
+import numpy as np
+import redis
+import structlog
+
+from api.embeddings import Vectors
+
+log = structlog.get_logger(__name__)
+
+GENERATION_KEY = "rag:corpus:generation"
+
+
+def normalize_question(question: str) -> str:
+    """Questions that differ only in case, Unicode form or spacing share cache entries.
+    The model's tokenizer lowercases too, so the normalised text embeds identically."""
+    return " ".join(unicodedata.normalize("NFKC", question).casefold().split())
+
+
+def answer_key(generation: str, question: str, params: dict[str, Any]) -> str:
+    blob = json.dumps([normalize_question(question), params], sort_keys=True)
+    return f"rag:answer:{generation}:{hashlib.sha256(blob.encode()).hexdigest()}"
+
+
+def embedding_key(model_id: str, question: str) -> str:
+    digest = hashlib.sha256(normalize_question(question).encode()).hexdigest()
+    return f"rag:embedding:{model_id}:{digest}"
+
+
+class Cache:
+    def __init__(
+        self, url: str, ttl_seconds: int, timeout_seconds: float, retry_seconds: float
+    ) -> None:
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            health_check_interval=30,
+        )
+        self._ttl = ttl_seconds
+        self._retry = retry_seconds
+        self._up = True
+        self._state = threading.Lock()
+        self._stop = threading.Event()
+        self._probe: threading.Thread | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._up
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._probe is not None:
+            self._probe.join(timeout=self._retry + 1)
+        self._redis.close()
+
+    # --- the public operations; each degrades to "no cache" instead of raising
+    def generation(self) -> str | None:
+        def op() -> str:
+            current = self._redis.get(GENERATION_KEY)
+            if current is None:
+                # First user of a fresh Redis: only one writer may set it.
+                self._redis.set(GENERATION_KEY, uuid.uuid4().hex, nx=True)
+                current = self._redis.get(GENERATION_KEY)
+            return current.decode() if isinstance(current, bytes) else str(current)
+
+        generation: str | None = self._guarded(op)
+        return generation
+
+    def bump_generation(self) -> None:
+        self._guarded(lambda: self._redis.set(GENERATION_KEY, uuid.uuid4().hex))
+
+    def get_answer(self, key: str) -> dict[str, Any] | None:
+        raw = self._guarded(lambda: self._redis.get(key))
+        return json.loads(raw) if raw else None
+
+    def put_answer(self, key: str, value: dict[str, Any]) -> None:
+        self._guarded(lambda: self._redis.set(key, json.dumps(value), ex=self._ttl))
+
+    def get_embedding(self, key: str) -> Vectors | None:
+        raw = self._guarded(lambda: self._redis.get(key))
+        return np.frombuffer(raw, dtype=np.float32).copy() if raw else None
+
+    def put_embedding(self, key: str, vector: Vectors) -> None:
+        data = np.asarray(vector, dtype=np.float32).tobytes()
+        self._guarded(lambda: self._redis.set(key, data, ex=self._ttl))
+
+    def ping(self) -> bool:
+        """Used by /ready: a real round trip even while the cache is switched off."""
+        try:
+            return bool(self._redis.ping())
+        except redis.RedisError:
+            return False
+
+    # --- failure handling
+    def _guarded(self, op: Any) -> Any:
+        if not self._up:
+            return None
+        try:
+            return op()
+        except redis.RedisError as exc:
+            self._went_down(exc)
+            return None
+
+    def _went_down(self, exc: Exception) -> None:
+        with self._state:
+            if not self._up:
+                return
+            self._up = False
+            log.warning("redis unavailable, serving without cache", error=str(exc))
+            self._probe = threading.Thread(
+                target=self._wait_for_redis, name="redis-probe", daemon=True
+            )
+            self._probe.start()
+
+    def _wait_for_redis(self) -> None:
+        while not self._stop.wait(self._retry):
+            try:
+                self._redis.ping()
+                self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+            except redis.RedisError:
+                continue
+            with self._state:
+                self._up = True
+            log.info("redis is back, cache resumed")
+            return

@@ -1,0 +1,73 @@
+"""The one settings object: every knob is an environment variable (see the README table)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The tokenizer adds [CLS] and [SEP] to every input; the model sees at most 256 tokens.
+MODEL_MAX_TOKENS = 256
+SPECIAL_TOKENS = 2
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # --- serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    web_concurrency: int = Field(1, ge=1, description="gunicorn worker processes")
+    timeout_seconds: int = Field(120, ge=1, description="gunicorn worker timeout")
+    log_level: str = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    # --- storage
+    data_dir: Path = Path("data")
+    documents_dir: Path = Path("documents")
+    ingest_on_start: bool = True
+    chroma_host: str | None = None
+    chroma_port: int = Field(8000, ge=1, le=65535)
+    chroma_collection_prefix: str = Field("rag", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,40}$")
+
+    # --- cache
+    redis_url: str | None = None
+    cache_ttl_seconds: int = Field(3600, ge=1)
+    redis_timeout_seconds: float = Field(0.25, gt=0)
+    redis_retry_seconds: float = Field(2.0, gt=0)
+
+    # --- embeddings
+    model_dir: Path = Path("models")
+    embed_threads: int = Field(1, ge=1)
+    embed_batch_size: int = Field(32, ge=1, le=512)
+    chunk_tokens: int = Field(200, ge=16, le=MODEL_MAX_TOKENS - SPECIAL_TOKENS)
+    chunk_overlap_tokens: int = Field(40, ge=0)
+
+    # --- generation
+    generator: Literal["extractive"] = "extractive"
+    answer_sentences: int = Field(3, ge=1, le=10)
+
+    # --- input bounds
+    max_question_chars: int = Field(2000, ge=1)
+    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_document_chars: int = Field(2_000_000, ge=1)
+    max_documents_per_request: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("CHUNK_OVERLAP_TOKENS must be smaller than CHUNK_TOKENS")
+        return self
+
+    @property
+    def embedded_store(self) -> bool:
+        return not self.chroma_host
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

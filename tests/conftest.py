@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.config import Settings
+from api.embeddings import Embedder
+from api.main import create_app
+from tests.servers import ROOT, ChromaServer, RedisServer
+
+MODEL_DIR = ROOT / "models"
+CORPUS_DIR = ROOT / "documents"
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    # One model for the whole run, as in a worker process.
+    return Embedder(MODEL_DIR, threads=2)
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
+    server = ChromaServer(tmp_path_factory.mktemp("chroma"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "model_dir": MODEL_DIR,
+        "documents_dir": tmp_path / "documents",
+        "ingest_on_start": False,
+        "chroma_collection_prefix": f"t{uuid.uuid4().hex[:12]}",
+        "log_format": "console",
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+def services_of(client: TestClient) -> Any:
+    """The app's process-wide services, for assertions on the real store behind the API."""
+    return cast(Any, client.app).state.services
+
+
+ClientFactory = Callable[..., AbstractContextManager[TestClient]]
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, embedder: Embedder) -> ClientFactory:
+    """`with make_client(**settings) as client:` runs the real app (lifespan included)."""
+
+    @contextmanager
+    def factory(**overrides: Any) -> Iterator[TestClient]:
+        settings = make_settings(tmp_path, **overrides)
+        with TestClient(create_app(settings, embedder)) as client:
+            yield client
+
+    return factory
+
+
+@pytest.fixture
+def client(make_client: ClientFactory) -> Iterator[TestClient]:
+    with make_client() as c:
+        yield c

@@ -1,0 +1,161 @@
+"""Every kind of bad input gets its 4xx with a JSON `detail`, and the store is left as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import services_of
+from tests.files import MARKDOWN, pdf_bytes
+
+GOOD = {"text": "The deploy freeze starts on the 20th of December.", "source": "freeze.txt"}
+
+
+@pytest.fixture
+def seeded(make_client):
+    with make_client(
+        max_request_bytes=64 * 1024,
+        max_upload_bytes=8 * 1024,
+        max_document_chars=20_000,
+        max_question_chars=300,
+        max_documents_per_request=5,
+    ) as client:
+        assert client.post("/documents", json={"documents": [GOOD]}).status_code == 200
+        yield client
+
+
+def snapshot(client: TestClient) -> tuple[int, int, list[str]]:
+    chunks, docs = services_of(client).store._connect()
+    return chunks.count(), docs.count(), sorted(docs.get(include=[])["ids"])
+
+
+def expect(client: TestClient, response, status: int, fragment: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["detail"], body
+    if fragment:
+        assert fragment in json.dumps(body["detail"]), body
+
+
+QUERY_CASES = {
+    "question too long": ({"question": "x" * 301}, "longer than 300"),
+    "blank question": ({"question": "   "}, "blank"),
+    "missing question": ({"max_sources": 3}, "question"),
+    "max_sources zero": ({"question": "freeze?", "max_sources": 0}, "max_sources"),
+    "max_sources 21": ({"question": "freeze?", "max_sources": 21}, "max_sources"),
+    "temperature negative": ({"question": "freeze?", "temperature": -1}, "temperature"),
+    "wrong type": ({"question": ["a list"]}, "question"),
+    "unknown field": ({"question": "freeze?", "top_k": 3}, "top_k"),
+}
+
+
+@pytest.mark.parametrize("case", QUERY_CASES)
+def test_bad_queries_are_422(seeded, case):
+    body, fragment = QUERY_CASES[case]
+    expect(seeded, seeded.post("/query", json=body), 422, fragment)
+
+
+INGEST_CASES = {
+    "empty text": ({"documents": [{"text": ""}]}, 422),
+    "whitespace only": ({"documents": [GOOD, {"text": " \n\t "}]}, 422),
+    "no documents": ({"documents": []}, 422),
+    "too many documents": ({"documents": [{"text": f"doc {i}"} for i in range(6)]}, 422),
+    "document too long": ({"documents": [{"text": "word " * 5000}]}, 422),
+    "nested metadata": ({"documents": [{"text": "x y z", "metadata": {"a": {"b": 1}}}]}, 422),
+    "bad metadata key": ({"documents": [{"text": "x y z", "metadata": {"$where": 1}}]}, 422),
+    "unknown field": ({"documents": [{"text": "x y z", "owner": "me"}]}, 422),
+    "body too large": ({"documents": [{"text": "y" * 70_000}]}, 413),
+}
+
+
+@pytest.mark.parametrize("case", INGEST_CASES)
+def test_bad_json_documents_change_nothing(seeded, case):
+    body, status = INGEST_CASES[case]
+    before = snapshot(seeded)
+    expect(seeded, seeded.post("/documents", json=body), status)
+    assert snapshot(seeded) == before
+
+
+RAW_CASES = {
+    "malformed json": (b'{"documents": [', "application/json", 422),
+    "json but not an object": (b'"hello"', "application/json", 422),
+    "unsupported content type": (b"text=hello", "application/x-www-form-urlencoded", 415),
+    "no content type": (b"hello", "", 415),
+}
+
+
+@pytest.mark.parametrize("case", RAW_CASES)
+def test_bad_bodies(seeded, case):
+    data, kind, status = RAW_CASES[case]
+    before = snapshot(seeded)
+    expect(seeded, seeded.post("/documents", content=data, headers={"content-type": kind}), status)
+    assert snapshot(seeded) == before
+
+
+def test_malformed_query_json(seeded):
+    response = seeded.post(
+        "/query", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    expect(seeded, response, 422)
+
+
+GOOD_FILE = ("files", ("coffee.md", MARKDOWN, "text/markdown"))
+UPLOAD_CASES = {
+    "unsupported type": (
+        [GOOD_FILE, ("files", ("tool.exe", b"MZ\x90\x00", "application/x"))],
+        415,
+        "unsupported file type",
+    ),
+    "no extension": ([("files", ("README", b"hello there", "text/plain"))], 415, "(none)"),
+    "corrupt pdf": (
+        [GOOD_FILE, ("files", ("bad.pdf", b"%PDF-1.7\n1 0 obj<<", "application/pdf"))],
+        422,
+        "cannot read PDF",
+    ),
+    "pdf without text": (
+        [("files", ("blank.pdf", pdf_bytes([]), "application/pdf"))],
+        422,
+        "no text",
+    ),
+    "empty file": ([GOOD_FILE, ("files", ("empty.txt", b"", "text/plain"))], 422, "no text"),
+    "binary in txt": ([("files", ("x.txt", b"\x00\x01\x02", "text/plain"))], 422, "binary"),
+    "not utf-8": ([("files", ("x.md", "café".encode("latin-1"), "text/plain"))], 422, "UTF-8"),
+    "file too large": (
+        [GOOD_FILE, ("files", ("big.txt", b"a " * 5000, "text/plain"))],
+        413,
+        "larger than",
+    ),
+    "wrong field name": ([("upload", ("coffee.md", MARKDOWN, "text/markdown"))], 422, "files"),
+}
+
+
+@pytest.mark.parametrize("case", UPLOAD_CASES)
+def test_bad_uploads_change_nothing(seeded, case):
+    files, status, fragment = UPLOAD_CASES[case]
+    before = snapshot(seeded)
+    expect(seeded, seeded.post("/documents", files=files), status, fragment)
+    assert snapshot(seeded) == before
+
+
+@pytest.mark.parametrize("method", ["get", "delete"])
+def test_unknown_document_is_404(seeded, method):
+    before = snapshot(seeded)
+    expect(seeded, getattr(seeded, method)("/documents/doc-0000"), 404, "no document")
+    assert snapshot(seeded) == before
+
+
+@pytest.mark.parametrize(
+    "params", [{"limit": 0}, {"limit": 501}, {"offset": -1}, {"limit": "many"}]
+)
+def test_bad_pagination_is_422(seeded, params):
+    expect(seeded, seeded.get("/documents", params=params), 422)
+
+
+def test_the_worker_survives_bad_input(seeded):
+    for _ in range(3):
+        seeded.post("/documents", files=[("files", ("bad.pdf", b"%PDF-", "application/pdf"))])
+    response = seeded.post("/query", json={"question": "When does the deploy freeze start?"})
+    assert response.status_code == 200
+    assert response.json()["sources"][0]["document"] == "freeze.txt"

@@ -1,0 +1,149 @@
+"""The answer cache against a real redis-server and a real `chroma run` server."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from tests.servers import ChromaServer, RedisServer
+
+FREEZE = {
+    "text": "The deploy freeze starts on the 20th of December and ends on January 3rd.",
+    "source": "freeze.txt",
+}
+PAGER = {
+    "text": "The pager rotation hands over every Monday at ten in the morning.",
+    "source": "pager.txt",
+}
+QUESTION = {"question": "When does the deploy freeze start?"}
+
+
+@pytest.fixture
+def served(make_client, chroma_server: ChromaServer, redis_server: RedisServer):
+    with make_client(
+        chroma_host="127.0.0.1",
+        chroma_port=chroma_server.port,
+        redis_url=redis_server.url,
+        redis_retry_seconds=0.2,
+    ) as client:
+        yield client
+
+
+def ask(client, body=QUESTION) -> dict:
+    response = client.post("/query", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_second_identical_question_is_served_from_cache(served):
+    served.post("/documents", json={"documents": [FREEZE, PAGER]})
+    first = ask(served)
+    assert first["cached"] is False and first["sources"][0]["document"] == "freeze.txt"
+    second = ask(served, {"question": "  when does the DEPLOY freeze start?"})
+    assert second["cached"] is True
+    assert second["answer"] == first["answer"] and second["sources"] == first["sources"]
+    # Different parameters are a different answer.
+    assert ask(served, {**QUESTION, "max_sources": 1})["cached"] is False
+
+
+def test_ingest_and_delete_invalidate_cached_answers(served):
+    doc_id = served.post("/documents", json={"documents": [FREEZE]}).json()["documents"][0]["id"]
+    ask(served)
+    assert ask(served)["cached"] is True
+
+    served.post("/documents", json={"documents": [PAGER]})
+    after_ingest = ask(served)
+    assert after_ingest["cached"] is False
+    assert {s["document"] for s in after_ingest["sources"]} == {"freeze.txt", "pager.txt"}
+    assert ask(served)["cached"] is True
+
+    assert served.delete(f"/documents/{doc_id}").status_code == 200
+    after_delete = ask(served)
+    assert after_delete["cached"] is False
+    assert {s["document"] for s in after_delete["sources"]} == {"pager.txt"}
+
+    # Idempotent re-ingest of the same content changes nothing and the cache stays valid.
+    served.post("/documents", json={"documents": [PAGER]})
+    assert ask(served)["cached"] is True
+
+
+def test_query_embeddings_are_cached(served, redis_server):
+    import redis
+
+    served.post("/documents", json={"documents": [FREEZE]})
+    ask(served)
+    keys = redis.Redis.from_url(redis_server.url).keys("rag:embedding:*")
+    assert len(keys) == 1
+
+
+def test_redis_outage_degrades_and_the_cache_comes_back(served, redis_server, caplog):
+    caplog.set_level(logging.WARNING)
+    served.post("/documents", json={"documents": [FREEZE, PAGER]})
+    ask(served)
+    assert ask(served)["cached"] is True
+    assert served.get("/ready").json()["dependencies"]["redis"]["status"] == "ok"
+
+    redis_server.kill()
+    for _ in range(5):
+        answer = ask(served)
+        assert answer["cached"] is False and answer["sources"]
+    warnings = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    ready = served.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["dependencies"]["redis"]["status"] == "degraded"
+    # A write while Redis is away cannot bump the generation...
+    served.post(
+        "/documents",
+        json={"documents": [{"text": "Freeze exceptions need a VP.", "source": "exceptions.txt"}]},
+    )
+
+    redis_server.start()  # same port, empty: the cache must find it again by itself
+    deadline = time.monotonic() + 15
+    while served.get("/ready").json()["status"] != "ready":
+        assert time.monotonic() < deadline, "cache did not resume"
+        time.sleep(0.2)
+    first = ask(served)
+    assert first["cached"] is False
+    assert ask(served)["cached"] is True
+
+
+def test_stale_answers_are_not_served_after_an_outage_with_writes(served, redis_server):
+    """Redis survives (it was only unreachable), but the corpus changed meanwhile."""
+    served.post("/documents", json={"documents": [FREEZE]})
+    ask(served)
+    assert ask(served)["cached"] is True
+    redis_server.pause()  # unreachable, but its data is kept
+    try:
+        ask(served)  # times out on Redis, switches the cache off
+        served.post("/documents", json={"documents": [PAGER]})
+    finally:
+        redis_server.resume()
+    deadline = time.monotonic() + 15
+    while served.get("/ready").json()["status"] != "ready":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    answer = ask(served)
+    assert answer["cached"] is False
+    assert {s["document"] for s in answer["sources"]} == {"freeze.txt", "pager.txt"}
+
+
+def test_ready_is_503_when_chroma_is_down(make_client, tmp_path):
+    chroma = ChromaServer(tmp_path / "own-chroma")
+    chroma.start()
+    try:
+        with make_client(chroma_host="127.0.0.1", chroma_port=chroma.port) as client:
+            client.post("/documents", json={"documents": [FREEZE]})
+            assert client.get("/ready").status_code == 200
+            chroma.stop()
+            ready = client.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["dependencies"]["chroma"]["status"] == "down"
+            failed = client.post("/query", json=QUESTION)
+            assert failed.status_code == 503 and failed.json()["detail"]
+            assert client.get("/health").status_code == 200
+    finally:
+        chroma.stop()

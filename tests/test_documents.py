@@ -1,0 +1,174 @@
+"""Ingestion, listing, deletion and reload on the embedded store (real Chroma, real model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.ingest import document_id
+from api.store import EmbeddedStoreBusy, VectorStore
+from tests.conftest import ROOT, make_settings, services_of
+from tests.files import HTML, MARKDOWN, pdf_bytes
+
+LONG = " ".join(
+    f"Runbook step {i}: check the replica number {i} for stale locks." for i in range(120)
+)
+
+
+def ingest(client: TestClient, *docs: dict) -> list[dict]:
+    response = client.post("/documents", json={"documents": list(docs)})
+    assert response.status_code == 200, response.text
+    return response.json()["documents"]
+
+
+def chunk_count(client: TestClient, doc_id: str | None = None) -> int:
+    chunks, _ = services_of(client).store._connect()
+    if doc_id is None:
+        return chunks.count()
+    return len(chunks.get(where={"doc_id": doc_id}, include=[])["ids"])
+
+
+def test_json_ingest_is_idempotent_and_content_addressed(client):
+    first = ingest(client, {"text": LONG, "source": "steps.txt", "metadata": {"team": "sre"}})[0]
+    assert first["status"] == "created" and first["chunks"] > 1
+    assert first["id"] == document_id(LONG)
+    chunks_before = chunk_count(client)
+    again = ingest(client, {"text": LONG + "\n", "source": "other-name.txt"})[0]
+    assert again == {**again, "id": first["id"], "status": "unchanged"}
+    assert chunk_count(client) == chunks_before == first["chunks"]
+    detail = client.get(f"/documents/{first['id']}").json()
+    assert detail["source"] == "steps.txt"
+    assert detail["metadata"] == {"team": "sre"}
+    assert detail["text"] == LONG and detail["chunks"] == first["chunks"]
+    assert detail["origin"] == "api" and detail["ingested_at"].endswith("+00:00")
+
+
+def test_uploads_of_every_supported_type(client):
+    files = [
+        ("files", ("pager.html", HTML, "text/html")),
+        ("files", ("coffee.md", MARKDOWN, "text/markdown")),
+        ("files", ("notes.txt", b"Plants need water twice a week.", "text/plain")),
+        (
+            "files",
+            (
+                "budget.pdf",
+                pdf_bytes(["The travel budget is 4000 euros per year."], title="Travel Budget"),
+                "application/pdf",
+            ),
+        ),
+    ]
+    response = client.post("/documents", files=files)
+    assert response.status_code == 200, response.text
+    docs = {d["source"]: d for d in response.json()["documents"]}
+    assert {s: d["title"] for s, d in docs.items()} == {
+        "pager.html": "Pager Rotation",
+        "coffee.md": "Coffee Machine Care",
+        "notes.txt": "notes",
+        "budget.pdf": "Travel Budget",
+    }
+    html_text = client.get(f"/documents/{docs['pager.html']['id']}").json()["text"]
+    assert "seven days" in html_text and "secret" not in html_text and "color" not in html_text
+    answer = client.post("/query", json={"question": "What is the yearly travel budget?"}).json()
+    assert answer["sources"][0]["document"] == "budget.pdf"
+    assert "4000 euros" in answer["answer"] and "[1]" in answer["answer"]
+
+
+def test_listing_is_paginated(client):
+    ids = {
+        d["id"]
+        for d in ingest(client, *({"text": f"Fact {i}: the answer is {i * 3}."} for i in range(7)))
+    }
+    seen: list[str] = []
+    for offset in (0, 3, 6):
+        page = client.get("/documents", params={"limit": 3, "offset": offset}).json()
+        assert page["total"] == 7 and page["limit"] == 3 and page["offset"] == offset
+        seen += [d["id"] for d in page["documents"]]
+    assert len(seen) == 7 and set(seen) == ids
+
+
+def test_delete_removes_every_chunk(client):
+    doc = ingest(client, {"text": LONG, "source": "steps.txt"})[0]
+    keep = ingest(client, {"text": "Unrelated: the office closes at six.", "source": "o.txt"})[0]
+    assert chunk_count(client, doc["id"]) == doc["chunks"] > 1
+    response = client.delete(f"/documents/{doc['id']}")
+    assert response.status_code == 200 and response.json() == {"id": doc["id"], "deleted": True}
+    assert chunk_count(client, doc["id"]) == 0
+    assert client.get(f"/documents/{doc['id']}").status_code == 404
+    assert client.delete(f"/documents/{doc['id']}").status_code == 404
+    sources = client.post("/query", json={"question": "stale locks on replicas"}).json()["sources"]
+    assert {s["document_id"] for s in sources} == {keep["id"]}
+
+
+def test_reload_follows_the_documents_folder(make_client, tmp_path):
+    folder = tmp_path / "documents"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.md").write_text("# Alpha\n\nAlpha servers restart at midnight.")
+    (folder / "sub" / "b.txt").write_text("Beta backups run hourly.")
+    (folder / ".hidden.md").write_text("never ingested")
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
+    with make_client(ingest_on_start=True) as client:
+        listed = client.get("/documents").json()
+        assert sorted(d["source"] for d in listed["documents"]) == ["a.md", "sub/b.txt"]
+        assert {d["origin"] for d in listed["documents"]} == {"directory"}
+
+        (folder / "a.md").write_text("# Alpha\n\nAlpha servers now restart at noon.")
+        (folder / "sub" / "b.txt").unlink()
+        (folder / "c.html").write_text("<title>Gamma</title><p>Gamma runs on Fridays.</p>")
+        report = client.post("/documents/reload").json()
+        assert sorted(d["source"] for d in report["created"]) == ["a.md", "c.html"]
+        assert report["unchanged"] == 0 and len(report["removed"]) == 2  # old a.md, b.txt
+        assert list(report["errors"]) == ["broken.pdf"]
+        listed = client.get("/documents").json()
+        assert sorted(d["source"] for d in listed["documents"]) == ["a.md", "c.html"]
+        assert client.post("/documents/reload").json()["unchanged"] == 2
+        # Documents that came through the API are not the folder's to remove.
+        ingest(client, {"text": "API-only document.", "source": "api.txt"})
+        assert client.post("/documents/reload").json()["removed"] == []
+        assert client.get("/documents").json()["total"] == 3
+
+
+def test_a_failed_write_leaves_no_partial_document(client, monkeypatch):
+    store = services_of(client).store
+    chunks, _ = store._connect()
+    monkeypatch.setattr(store._client, "get_max_batch_size", lambda: 2)
+    calls = {"n": 0}
+    real_upsert = type(chunks).upsert
+
+    def failing_upsert(self, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first batch landed, the second fails
+            raise RuntimeError("disk full")
+        return real_upsert(self, **kwargs)
+
+    monkeypatch.setattr(type(chunks), "upsert", failing_upsert)
+    response = client.post("/documents", json={"documents": [{"text": LONG}]})
+    assert response.status_code == 503
+    assert calls["n"] == 2
+    monkeypatch.undo()
+    assert chunk_count(client) == 0
+    assert client.get("/documents").json()["total"] == 0
+    # The same content goes in cleanly afterwards.
+    assert ingest(client, {"text": LONG})[0]["status"] == "created"
+
+
+def test_embedded_store_refuses_a_second_process(client, tmp_path):
+    settings = make_settings(tmp_path)
+    with pytest.raises(EmbeddedStoreBusy, match="CHROMA_HOST"):
+        VectorStore(settings)
+
+
+def test_gunicorn_refuses_several_workers_on_the_embedded_store(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", "import api.gunicorn_conf"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "WEB_CONCURRENCY": "2", "DATA_DIR": str(tmp_path)},
+    )
+    assert run.returncode != 0
+    assert "needs a Chroma server" in run.stderr

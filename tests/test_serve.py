@@ -1,0 +1,141 @@
+"""The real entry points: `python -m api serve` under gunicorn, and the ingest CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CORPUS_DIR, MODEL_DIR
+from tests.servers import ROOT, ChromaServer, Process, RedisServer, free_port, wait_until
+
+
+def serve(tmp_path: Path, name: str, **env: str) -> tuple[Process, str]:
+    port = free_port()
+    process = Process(
+        [sys.executable, "-m", "api", "serve"],
+        tmp_path / f"{name}.log",
+        cwd=ROOT,
+        env={
+            "PORT": str(port),
+            "DATA_DIR": str(tmp_path / "data"),
+            "MODEL_DIR": str(MODEL_DIR),
+            "DOCUMENTS_DIR": str(CORPUS_DIR),
+            "CHROMA_COLLECTION_PREFIX": name,
+            **env,
+        },
+    )
+    process.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 120, f"{name} server"
+        )
+    except TimeoutError:
+        process.stop()
+        raise AssertionError(process.output()[-3000:]) from None
+    return process, base
+
+
+def test_first_start_serves_the_sample_corpus(tmp_path):
+    """What a newcomer does after `make run`: one curl, an answer with sources."""
+    process, base = serve(tmp_path, "embedded")
+    try:
+        response = httpx.post(
+            f"{base}/query", timeout=30, json={"question": "How do I restore a backup?"}
+        )
+        assert response.status_code == 200
+        body = response.json()
+        assert body["sources"] and body["answer"] and "[1]" in body["answer"]
+        assert body["sources"][0]["document"].endswith(".md")
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
+        # Malformed input does not take the worker down.
+        bad = httpx.post(
+            f"{base}/query", content=b"{", timeout=10, headers={"content-type": "application/json"}
+        )
+        assert bad.status_code == 422
+        assert httpx.post(f"{base}/query", json={"question": "backup?"}).status_code == 200
+    finally:
+        process.stop()
+    assert process.proc is not None and process.proc.returncode == 0, process.output()[-2000:]
+
+
+def test_two_workers_share_a_chroma_server_and_redis(tmp_path, chroma_server: ChromaServer):
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    process, base = serve(
+        tmp_path,
+        "workers",
+        WEB_CONCURRENCY="2",
+        CHROMA_HOST="127.0.0.1",
+        CHROMA_PORT=str(chroma_server.port),
+        REDIS_URL=redis_server.url,
+    )
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            total = client.get("/documents").json()["total"]
+            assert total == len(list(CORPUS_DIR.glob("*.md")))
+            answers = [
+                client.post("/query", json={"question": "What does least_conn do?"})
+                for _ in range(6)
+            ]
+            assert all(a.status_code == 200 for a in answers)
+            assert [a.json()["cached"] for a in answers].count(False) == 1
+            assert len({a.json()["answer"] for a in answers}) == 1
+    finally:
+        process.stop()
+        redis_server.stop()
+    assert process.output().count("Booting worker") == 2
+
+
+def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "api", *args],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(data_dir), "MODEL_DIR": str(MODEL_DIR)},
+    )
+
+
+def test_cli_ingests_a_folder_idempotently(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted(CORPUS_DIR.glob("*.md"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4 nope")
+    first = run_cli("ingest", str(folder), data_dir=tmp_path / "data")
+    assert first.returncode == 1  # one file failed, and it says which
+    assert "3 created, 0 unchanged, 1 failed" in first.stdout
+    assert "broken.pdf" in first.stderr and "ingest" in first.stderr  # the progress bar
+    (folder / "broken.pdf").unlink()
+    again = run_cli("ingest", str(folder), data_dir=tmp_path / "data")
+    assert again.returncode == 0, again.stderr
+    assert "0 created, 3 unchanged, 0 failed" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("ingest", "/nonexistent/path"), "no such file or directory"),
+        (("ingest",), "the following arguments are required"),
+    ],
+)
+def test_cli_rejects_bad_arguments(tmp_path, args, message):
+    run = run_cli(*args, data_dir=tmp_path / "data")
+    assert run.returncode == 2 and message in run.stderr
+
+
+def test_cli_refuses_an_embedded_store_held_by_a_server(tmp_path):
+    process, _ = serve(tmp_path, "holder")
+    try:
+        run = run_cli("ingest", str(CORPUS_DIR), data_dir=tmp_path / "data")
+    finally:
+        process.stop()
+    assert run.returncode == 1
+    assert "in use by pid" in run.stderr
