@@ -41,8 +41,9 @@ class Settings(BaseSettings):
 
     # --- embeddings
     model_dir: Path = Path("models")
+    embed_precision: Literal["int8", "fp32"] = "int8"
     embed_threads: int = Field(1, ge=1)
-    embed_batch_size: int = Field(32, ge=1, le=512)
+    embed_batch_size: int = Field(1, ge=1, le=512)
     chunk_tokens: int = Field(200, ge=16, le=MODEL_MAX_TOKENS - SPECIAL_TOKENS)
     chunk_overlap_tokens: int = Field(40, ge=0)
 

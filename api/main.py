@@ -18,7 +18,7 @@ from api.loaders import UnreadableDocument, UnsupportedFileType
 from api.middleware import BodySizeLimit
 from api.routers import documents, health, query
 from api.services import Services
-from api.store import StoreUnavailable
+from api.store import EmbeddingModelMismatch, StoreUnavailable
 from api.telemetry import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         configure_logging(settings.log_level, settings.log_format)
         services = await run_in_threadpool(Services.start, settings, embedder)
         app.state.services = services
-        await run_in_threadpool(services.seed_if_empty)
+        await run_in_threadpool(services.prepare_store)
         log.info(
             "ready to serve",
             store=services.store.location,
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.add_exception_handler(UnreadableDocument, _error(422))
     app.add_exception_handler(EmptyDocument, _error(422))
     app.add_exception_handler(StoreUnavailable, _error(503))
+    app.add_exception_handler(EmbeddingModelMismatch, _error(503))
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -29,9 +29,12 @@ class Services:
     @classmethod
     def start(cls, settings: Settings, embedder: Embedder | None = None) -> Services:
         embedder = embedder or Embedder(
-            settings.model_dir, settings.embed_threads, settings.embed_batch_size
+            settings.model_dir,
+            settings.embed_precision,
+            settings.embed_threads,
+            settings.embed_batch_size,
         )
-        store = VectorStore(settings)
+        store = VectorStore(settings, embedder.model_id)
         cache = (
             Cache(
                 settings.redis_url,
@@ -55,20 +58,22 @@ class Services:
             QueryService(embedder, store, cache, generator),
         )
 
-    def seed_if_empty(self) -> None:
-        """A newcomer's first query should find something: an empty store gets DOCUMENTS_DIR."""
-        if not self.settings.ingest_on_start or not self.settings.documents_dir.is_dir():
-            return
+    def prepare_store(self) -> None:
+        """Fail fast on a store built with another model; fill an empty store from
+        DOCUMENTS_DIR so a newcomer's first query finds something. An unreachable Chroma
+        server is not fatal: /ready reports it until it comes."""
         try:
-            if self.store.count_documents() > 0:
+            count = self.store.count_documents()
+            settings = self.settings
+            if count or not settings.ingest_on_start or not settings.documents_dir.is_dir():
                 return
-            report = self.ingestor.reload(self.settings.documents_dir)
+            report = self.ingestor.reload(settings.documents_dir)
         except StoreUnavailable as exc:
-            log.warning("initial ingest skipped: vector store unavailable", error=str(exc))
+            log.warning("vector store unavailable at start-up", error=str(exc))
             return
         log.info(
             "initial ingest",
-            directory=str(self.settings.documents_dir),
+            directory=str(settings.documents_dir),
             created=len(report.created),
             errors=report.errors,
         )

@@ -40,6 +40,10 @@ class EmbeddedStoreBusy(RuntimeError):
     pass
 
 
+class EmbeddingModelMismatch(RuntimeError):
+    """The collections hold vectors from another model; mixing them would ruin retrieval."""
+
+
 @dataclass(frozen=True)
 class Hit:
     doc_id: str
@@ -112,7 +116,8 @@ def _lock_data_dir(data_dir: Path) -> int:
 
 
 class VectorStore:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, embedding_model: str) -> None:
+        self._embedding_model = embedding_model
         self._settings = settings
         self._prefix = settings.chroma_collection_prefix
         self._lock_fd: int | None = None
@@ -154,21 +159,33 @@ class VectorStore:
                         )
                 # We always pass vectors in: no embedding function, so Chroma never
                 # downloads its default model.
-                make = self._client.get_or_create_collection
                 cosine: Any = {"hnsw": {"space": "cosine"}}
-                self._collections = (
-                    make(f"{self._prefix}-chunks", embedding_function=None, configuration=cosine),
-                    make(
-                        f"{self._prefix}-documents", embedding_function=None, configuration=cosine
-                    ),
+                stamp = {"embedding_model": self._embedding_model}
+                collections = tuple(
+                    self._client.get_or_create_collection(
+                        f"{self._prefix}-{kind}",
+                        embedding_function=None,
+                        configuration=cosine,
+                        metadata=stamp,
+                    )
+                    for kind in ("chunks", "documents")
                 )
+                for collection in collections:
+                    found = (collection.metadata or {}).get("embedding_model")
+                    if found != self._embedding_model:
+                        raise EmbeddingModelMismatch(
+                            f"collection {collection.name} holds {found} vectors but this "
+                            f"process embeds with {self._embedding_model}: set EMBED_PRECISION "
+                            "to match, or use a new CHROMA_COLLECTION_PREFIX and re-ingest"
+                        )
+                self._collections = (collections[0], collections[1])
             return self._collections
 
     @contextmanager
     def _call(self, what: str) -> Iterator[tuple[Collection, Collection]]:
         try:
             yield self._connect()
-        except StoreUnavailable:
+        except (StoreUnavailable, EmbeddingModelMismatch):
             raise
         except Exception as exc:
             # A restarted server may have new collection ids: reconnect on the next call.

@@ -68,7 +68,9 @@ def make_client(tmp_path: Path, embedder: Embedder) -> ClientFactory:
     @contextmanager
     def factory(**overrides: Any) -> Iterator[TestClient]:
         settings = make_settings(tmp_path, **overrides)
-        with TestClient(create_app(settings, embedder)) as client:
+        # The shared model is int8; another precision gets a model of its own.
+        shared = embedder if settings.embed_precision == "int8" else None
+        with TestClient(create_app(settings, shared)) as client:
             yield client
 
     return factory

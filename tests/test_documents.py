@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.ingest import document_id
-from api.store import EmbeddedStoreBusy, VectorStore
+from api.store import EmbeddedStoreBusy, EmbeddingModelMismatch, VectorStore
 from tests.conftest import ROOT, make_settings, services_of
 from tests.files import HTML, MARKDOWN, pdf_bytes
 
@@ -157,7 +157,21 @@ def test_a_failed_write_leaves_no_partial_document(client, monkeypatch):
 def test_embedded_store_refuses_a_second_process(client, tmp_path):
     settings = make_settings(tmp_path)
     with pytest.raises(EmbeddedStoreBusy, match="CHROMA_HOST"):
-        VectorStore(settings)
+        VectorStore(settings, "any-model")
+
+
+def test_a_store_built_with_another_model_is_refused(make_client, tmp_path, chroma_server):
+    prefix = "mismatch"
+    server = {"chroma_host": "127.0.0.1", "chroma_port": chroma_server.port}
+    with make_client(chroma_collection_prefix=prefix, **server) as client:
+        ingest(client, {"text": "Vectors from the int8 model."})
+    with (
+        pytest.raises(EmbeddingModelMismatch, match="EMBED_PRECISION"),
+        make_client(
+            chroma_collection_prefix=prefix, embed_precision="fp32", ingest_on_start=True, **server
+        ),
+    ):
+        pass
 
 
 def test_gunicorn_refuses_several_workers_on_the_embedded_store(tmp_path):

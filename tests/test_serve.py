@@ -73,18 +73,21 @@ def test_two_workers_share_a_chroma_server_and_redis(tmp_path, chroma_server: Ch
         CHROMA_HOST="127.0.0.1",
         CHROMA_PORT=str(chroma_server.port),
         REDIS_URL=redis_server.url,
+        INGEST_ON_START="false",
     )
+    corpus = sorted(CORPUS_DIR.glob("*.md"))
     try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            total = client.get("/documents").json()["total"]
-            assert total == len(list(CORPUS_DIR.glob("*.md")))
-            answers = [
-                client.post("/query", json={"question": "What does least_conn do?"})
-                for _ in range(6)
-            ]
-            assert all(a.status_code == 200 for a in answers)
-            assert [a.json()["cached"] for a in answers].count(False) == 1
-            assert len({a.json()["answer"] for a in answers}) == 1
+        upload = [("files", (p.name, p.read_bytes(), "text/markdown")) for p in corpus]
+        assert httpx.post(f"{base}/documents", files=upload, timeout=120).status_code == 200
+        assert httpx.get(f"{base}/documents").json()["total"] == len(corpus)
+        # A connection per request, so both workers take a share.
+        answers = [
+            httpx.post(f"{base}/query", json={"question": "What does least_conn do?"}, timeout=30)
+            for _ in range(6)
+        ]
+        assert all(a.status_code == 200 for a in answers)
+        assert [a.json()["cached"] for a in answers].count(False) == 1
+        assert len({a.json()["answer"] for a in answers}) == 1
     finally:
         process.stop()
         redis_server.stop()

@@ -6,7 +6,7 @@ from fastapi.concurrency import run_in_threadpool
 from api import __version__
 from api.deps import ServicesDep
 from api.schemas import DependencyState, Health, Readiness
-from api.store import StoreUnavailable
+from api.store import EmbeddingModelMismatch, StoreUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -31,7 +31,7 @@ async def ready(services: ServicesDep, response: Response) -> Readiness:
     try:
         await run_in_threadpool(services.store.heartbeat)
         deps["chroma"] = DependencyState(status="ok", detail=services.store.location)
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, EmbeddingModelMismatch) as exc:
         deps["chroma"] = DependencyState(status="down", detail=str(exc))
     if services.cache is None:
         deps["redis"] = DependencyState(status="disabled", detail="REDIS_URL is not set")
