@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from api.cache import Cache, answer_key, embedding_key, normalize_question
 from api.embeddings import Embedder, Vectors
@@ -18,9 +17,6 @@ class Answer:
     sources: list[Hit]
     cached: bool
     processing_time: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class QueryService:

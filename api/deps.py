@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.config import Settings
 from api.services import Services
 
 
@@ -15,9 +14,4 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_settings(request: Request) -> Settings:
-    return get_services(request).settings
-
-
 ServicesDep = Annotated[Services, Depends(get_services)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -25,7 +25,13 @@ class IngestRequest(_Strict):
     documents: list[DocumentIn] = Field(min_length=1)
 
 
-class IngestedDocument(BaseModel):
+class _FromAttributes(BaseModel):
+    """Built straight from the service's dataclasses."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class IngestedDocument(_FromAttributes):
     id: str
     source: str
     title: str
@@ -37,7 +43,7 @@ class IngestResponse(BaseModel):
     documents: list[IngestedDocument]
 
 
-class DocumentOut(BaseModel):
+class DocumentOut(_FromAttributes):
     id: str
     source: str
     title: str

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import ServicesDep
-from api.ingest import IngestResult, NewDocument
+from api.ingest import NewDocument
 from api.loaders import load_file
 from api.schemas import (
     DeleteResponse,
@@ -21,7 +21,6 @@ from api.schemas import (
     ReloadResponse,
 )
 from api.services import Services
-from api.store import StoredDocument
 
 router = APIRouter(prefix="/documents", tags=["documents"])
 
@@ -42,29 +41,6 @@ _INGEST_BODIES = {
         },
     }
 }
-
-
-def _out(result: IngestResult) -> IngestedDocument:
-    return IngestedDocument(
-        id=result.id,
-        source=result.source,
-        title=result.title,
-        chunks=result.chunks,
-        status=result.status,
-    )
-
-
-def _doc(doc: StoredDocument) -> DocumentOut:
-    return DocumentOut(
-        id=doc.id,
-        source=doc.source,
-        title=doc.title,
-        ingested_at=doc.ingested_at,
-        origin=doc.origin,
-        chunks=doc.chunks,
-        chars=doc.chars,
-        metadata=doc.metadata,
-    )
 
 
 async def _from_json(request: Request, services: Services) -> list[NewDocument]:
@@ -120,7 +96,7 @@ async def ingest(request: Request, services: ServicesDep) -> IngestResponse:
     else:
         raise HTTPException(415, "send application/json or multipart/form-data")
     results = await run_in_threadpool(services.ingestor.ingest, documents)
-    return IngestResponse(documents=[_out(r) for r in results])
+    return IngestResponse(documents=[IngestedDocument.model_validate(r) for r in results])
 
 
 @router.get("", response_model=DocumentPage)
@@ -130,7 +106,12 @@ async def list_documents(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DocumentPage:
     docs, total = await run_in_threadpool(services.store.list_documents, limit, offset)
-    return DocumentPage(documents=[_doc(d) for d in docs], total=total, limit=limit, offset=offset)
+    return DocumentPage(
+        documents=[DocumentOut.model_validate(d) for d in docs],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
 
 
 @router.post("/reload", response_model=ReloadResponse)
@@ -138,7 +119,7 @@ async def reload(services: ServicesDep) -> ReloadResponse:
     """Make the store match DOCUMENTS_DIR: ingest new and changed files, drop removed ones."""
     report = await run_in_threadpool(services.ingestor.reload, services.settings.documents_dir)
     return ReloadResponse(
-        created=[_out(r) for r in report.created],
+        created=[IngestedDocument.model_validate(r) for r in report.created],
         unchanged=report.unchanged,
         removed=report.removed,
         errors=report.errors,
@@ -150,7 +131,7 @@ async def get_document(doc_id: str, services: ServicesDep) -> DocumentDetail:
     doc = await run_in_threadpool(services.store.get_document, doc_id)
     if doc is None:
         raise HTTPException(404, f"no document {doc_id}")
-    return DocumentDetail(**_doc(doc).model_dump(), text=doc.text)
+    return DocumentDetail.model_validate(doc)
 
 
 @router.delete("/{doc_id}", response_model=DeleteResponse, responses={404: {}})
