@@ -17,7 +17,9 @@ from api.store import Hit
 
 NO_ANSWER = "I could not find anything about that in the indexed documents."
 
-_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|$)", re.M)
+# A sentence ends at . ! or ? followed by white space (so `backup.sh` and 0.25 stay whole),
+# or at a line break (list items and headings).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|\n+")
 _WORD = re.compile(r"[a-z0-9][a-z0-9_.-]*[a-z0-9]|[a-z0-9]")
 _MARKUP = re.compile(r"^[\s#>*\-+`|]+|[`*_]+")
 _STOPWORDS = frozenset(
@@ -52,8 +54,8 @@ class ExtractiveGenerator:
         candidates: list[tuple[float, int, int, str]] = []
         seen: set[str] = set()
         for n, hit in enumerate(sources, start=1):
-            for pos, match in enumerate(_SENTENCE.finditer(hit.content)):
-                sentence = _MARKUP.sub("", match.group()).strip()
+            for pos, raw in enumerate(_SENTENCE_END.split(hit.content)):
+                sentence = _MARKUP.sub("", raw).strip()
                 words = _terms(sentence)
                 if len(words) < 3 or sentence.lower() in seen:
                     continue
@@ -67,7 +69,7 @@ class ExtractiveGenerator:
             if not sources:
                 yield NO_ANSWER
                 return
-            first = next((s for s in _SENTENCE.findall(sources[0].content) if s.strip()), "")
+            first = next((s for s in _SENTENCE_END.split(sources[0].content) if s.strip()), "")
             candidates = [(0.0, 1, 0, _MARKUP.sub("", first).strip())]
         best = sorted(candidates, key=lambda c: (-c[0], c[1], c[2]))[: self._max]
         # Read in source order so the answer follows the documents' own flow.
