@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
 import sys
 from pathlib import Path
 
@@ -11,18 +11,9 @@ from api.config import get_settings
 
 
 def _serve() -> int:
-    # exec, so signals (Ctrl-C, SIGTERM from a supervisor) reach gunicorn directly.
-    os.execvp(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "python:api.gunicorn_conf",
-            "api.main:create_app()",
-        ],
-    )
+    from api.runner import serve
+
+    return serve(get_settings())
 
 
 def _ingest(paths: list[Path]) -> int:
@@ -68,7 +59,7 @@ def _ingest(paths: list[Path]) -> int:
                 created += result.status == "created"
                 unchanged += result.status == "unchanged"
     finally:
-        services.close()
+        asyncio.run(services.aclose())
     print(f"{created} created, {unchanged} unchanged, {len(failed)} failed")
     for path_name, reason in failed.items():
         print(f"  failed: {path_name}: {reason}", file=sys.stderr)
@@ -86,7 +77,11 @@ def _export_model(force: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rag-api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="serve the HTTP API with gunicorn (settings from env)")
+    sub.add_parser(
+        "serve",
+        help="serve the HTTP API with gunicorn, and the local LLM unless "
+        "LLM_BASE_URL is set (settings from env)",
+    )
     ingest = sub.add_parser("ingest", help="ingest files or folders into the vector store")
     ingest.add_argument("paths", nargs="+", type=Path)
     export = sub.add_parser("export-model", help="export the embedding model to ONNX")

@@ -1,14 +1,25 @@
-"""Answering a question: cache, embed, retrieve, generate."""
+"""Answering a question: cache, embed, retrieve, generate — whole or as a stream of events.
+
+The model and the vector store are synchronous and run in the thread pool; generation is
+async end to end, so a slow LLM never holds a worker's event loop.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+from fastapi.concurrency import run_in_threadpool
 
 from api.cache import Cache, answer_key, embedding_key, normalize_question
 from api.embeddings import Embedder, Vectors
-from api.generation import Generator
+from api.generation import Completion, Generator, GeneratorUnavailable, Usage
 from api.store import Hit, VectorStore
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -17,17 +28,44 @@ class Answer:
     sources: list[Hit]
     cached: bool
     processing_time: float
+    generator: str
+    usage: Usage | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event: `sources`, `token`, `done` or `error`."""
+
+    name: str
+    data: dict[str, Any]
+
+
+@dataclass
+class _Opened:
+    """A question ready to be answered: from the cache, or by a started completion."""
+
+    started: float
+    key: str | None
+    cached: Answer | None = None
+    completion: Completion | None = None
 
 
 class QueryService:
     def __init__(
-        self, embedder: Embedder, store: VectorStore, cache: Cache | None, generator: Generator
+        self,
+        embedder: Embedder,
+        store: VectorStore,
+        cache: Cache | None,
+        generator: Generator,
+        fallback: Generator | None = None,
     ) -> None:
         self._embedder = embedder
         self._store = store
         self._cache = cache
         self._generator = generator
+        self._fallback = fallback
 
+    # --- retrieval
     def embed_question(self, question: str) -> Vectors:
         text = normalize_question(question)
         key = embedding_key(self._embedder.model_id, text)
@@ -41,26 +79,134 @@ class QueryService:
     def retrieve(self, question: str, max_sources: int) -> list[Hit]:
         return self._store.search(self.embed_question(question), max_sources)
 
-    def answer(self, question: str, max_sources: int, temperature: float) -> Answer:
+    # --- answering
+    async def answer(self, question: str, max_sources: int, temperature: float) -> Answer:
+        opened = await self._open(question, max_sources, temperature)
+        if opened.cached is not None:
+            return opened.cached
+        assert opened.completion is not None
+        try:
+            text = await _collect(opened.completion)
+        except GeneratorUnavailable:
+            if self._fallback is None:
+                raise
+            log.warning("generation failed mid-answer, answering extractively")
+            sources = opened.completion.sources
+            opened.completion = await self._fallback.start(question, sources, temperature)
+            text = await _collect(opened.completion)
+        return await self._finish(opened, text)
+
+    async def events(
+        self, question: str, max_sources: int, temperature: float
+    ) -> AsyncIterator[Event]:
+        """Opens the answer first, so a generator that cannot start raises here, before any
+        event is sent (and the client gets a 503, not a broken stream)."""
+        opened = await self._open(question, max_sources, temperature)
+        return self._stream(opened)
+
+    async def _stream(self, opened: _Opened) -> AsyncIterator[Event]:
+        if opened.cached is not None:
+            hit = opened.cached
+            yield Event("sources", {"sources": [asdict(s) for s in hit.sources]})
+            yield Event("token", {"text": hit.answer})
+            yield Event("done", _done(hit))
+            return
+        completion = opened.completion
+        assert completion is not None
+        yield Event("sources", {"sources": [asdict(s) for s in completion.sources]})
+        parts: list[str] = []
+        try:
+            async for delta in completion.deltas:
+                parts.append(delta)
+                yield Event("token", {"text": delta})
+        except GeneratorUnavailable as exc:
+            log.warning("generation failed mid-stream", error=str(exc))
+            yield Event("error", {"detail": str(exc)})
+            return
+        finally:
+            # Also runs when the client goes away: closing the upstream response is what
+            # tells the LLM server to stop generating.
+            await completion.close()
+        yield Event("done", _done(await self._finish(opened, "".join(parts))))
+
+    async def _open(self, question: str, max_sources: int, temperature: float) -> _Opened:
         started = time.perf_counter()
         key = None
-        if self._cache is not None and (generation := self._cache.generation()) is not None:
-            params = {
-                "max_sources": max_sources,
-                "temperature": temperature,
-                "embedder": self._embedder.model_id,
-                "generator": self._generator.id,
+        if self._cache is not None:
+            generation = await run_in_threadpool(self._cache.generation)
+            if generation is not None:
+                params = {
+                    "max_sources": max_sources,
+                    "temperature": temperature,
+                    "embedder": self._embedder.model_id,
+                    "generator": self._generator.id,
+                }
+                key = answer_key(generation, question, params)
+                cached = await run_in_threadpool(self._cache.get_answer, key)
+                if cached is not None:
+                    hit = Answer(
+                        cached["answer"],
+                        [Hit(**s) for s in cached["sources"]],
+                        True,
+                        time.perf_counter() - started,
+                        cached["generator"],
+                        None,
+                    )
+                    return _Opened(started, key, cached=hit)
+        sources = await run_in_threadpool(self.retrieve, question, max_sources)
+        try:
+            completion = await self._generator.start(question, sources, temperature)
+        except GeneratorUnavailable as exc:
+            if self._fallback is None:
+                raise
+            log.warning("generator unavailable, answering extractively", error=str(exc))
+            completion = await self._fallback.start(question, sources, temperature)
+        return _Opened(started, key, completion=completion)
+
+    async def _finish(self, opened: _Opened, text: str) -> Answer:
+        completion = opened.completion
+        assert completion is not None
+        answer = Answer(
+            text,
+            completion.sources,
+            False,
+            time.perf_counter() - opened.started,
+            completion.generator,
+            completion.usage,
+        )
+        # A fallback answer is not cached: once the LLM is back it should answer again.
+        if (
+            opened.key is not None
+            and self._cache is not None
+            and completion.generator == self._generator.name
+        ):
+            record = {
+                "answer": text,
+                "sources": [asdict(s) for s in answer.sources],
+                "generator": answer.generator,
             }
-            key = answer_key(generation, question, params)
-            if (cached := self._cache.get_answer(key)) is not None:
-                return Answer(
-                    cached["answer"],
-                    [Hit(**s) for s in cached["sources"]],
-                    True,
-                    time.perf_counter() - started,
-                )
-        sources = self.retrieve(question, max_sources)
-        text = "".join(self._generator.stream(question, sources, temperature))
-        if key is not None and self._cache is not None:
-            self._cache.put_answer(key, {"answer": text, "sources": [asdict(s) for s in sources]})
-        return Answer(text, sources, False, time.perf_counter() - started)
+            await run_in_threadpool(self._cache.put_answer, opened.key, record)
+        if answer.usage is not None:
+            log.info(
+                "answer generated",
+                generator=answer.generator,
+                prompt_tokens=answer.usage.prompt_tokens,
+                completion_tokens=answer.usage.completion_tokens,
+            )
+        return answer
+
+
+async def _collect(completion: Completion) -> str:
+    try:
+        return "".join([delta async for delta in completion.deltas])
+    finally:
+        await completion.close()
+
+
+def _done(answer: Answer) -> dict[str, Any]:
+    return {
+        "processing_time": round(answer.processing_time, 6),
+        "cached": answer.cached,
+        "generator": answer.generator,
+        "usage": asdict(answer.usage) if answer.usage is not None else None,
+    }

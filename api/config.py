@@ -48,8 +48,22 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = Field(40, ge=0)
 
     # --- generation
-    generator: Literal["extractive"] = "extractive"
+    generator: Literal["openai", "extractive"] = "openai"
     answer_sentences: int = Field(3, ge=1, le=10)
+    llm_base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. .../v1")
+    llm_model: str = "smollm2-135m-instruct"
+    llm_api_key: str | None = None
+    llm_timeout_seconds: float = Field(60.0, gt=0, description="per read, while streaming")
+    llm_connect_timeout_seconds: float = Field(2.0, gt=0)
+    llm_retries: int = Field(2, ge=0, le=10, description="on connect errors only")
+    llm_max_tokens: int = Field(256, ge=1)
+    llm_context_tokens: int = Field(2048, ge=256, description="the model's context window")
+    llm_fallback: Literal["none", "extractive"] = "none"
+    # The served model's GGUF, for exact prompt token counts; unset: estimated from length.
+    llm_gguf: Path | None = None
+    # The local model `serve` starts when GENERATOR=openai and LLM_BASE_URL is unset.
+    llm_port: int = Field(8090, ge=1, le=65535)
+    llm_threads: int = Field(2, ge=1)
 
     # --- input bounds
     max_question_chars: int = Field(2000, ge=1)

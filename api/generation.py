@@ -1,16 +1,18 @@
-"""Answer generation behind a streaming interface.
+"""Answer generation behind one streaming interface.
 
-A generator yields the answer in pieces, so a language model can stream tokens over SSE
-through the same seam. The extractive generator needs no model: it quotes the source
-sentences that share the most words with the question and cites each one as [n], the
-1-based position of its source in the response.
+`Generator.start` opens a `Completion` (or raises `GeneratorUnavailable` before anything
+was produced); iterating it yields the answer's text deltas as they come. The extractive
+generator needs no model: it quotes the source sentences that share the most words with
+the question and cites each one as [n], the 1-based position of its source. The
+OpenAI-compatible generator lives in api/llm.py.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from api.store import Hit
@@ -29,12 +31,46 @@ _STOPWORDS = frozenset(
 )
 
 
+class GeneratorUnavailable(RuntimeError):
+    """The generator cannot answer now (server down, timeout, refused request)."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Completion:
+    """An answer being generated. Iterate `deltas` for the text; `usage` is complete once
+    they are exhausted; `close` releases the upstream request (and cancels it if unfinished)."""
+
+    deltas: AsyncIterator[str]
+    sources: list[Hit]
+    generator: str
+    usage: Usage | None = None
+    close: Callable[[], Awaitable[None]] = field(default=_nothing)
+
+
 class Generator(Protocol):
+    name: str
+    # Identifies everything that shapes an answer (model, limits): part of cache keys.
     id: str
 
-    def stream(self, question: str, sources: Sequence[Hit], temperature: float) -> Iterator[str]:
-        """Yield the answer in order; joined, the pieces are the whole answer."""
+    async def start(
+        self, question: str, sources: Sequence[Hit], temperature: float
+    ) -> Completion: ...
+
+    async def check(self) -> str | None:
+        """None when usable, else why not (for /ready)."""
         ...
+
+    async def aclose(self) -> None: ...
 
 
 def _terms(text: str) -> set[str]:
@@ -42,14 +78,30 @@ def _terms(text: str) -> set[str]:
 
 
 class ExtractiveGenerator:
-    id = "extractive-v1"
+    name = "extractive"
 
     def __init__(self, max_sentences: int = 3) -> None:
         self._max = max_sentences
+        self.id = f"extractive-v1:{max_sentences}"
 
-    def stream(self, question: str, sources: Sequence[Hit], temperature: float) -> Iterator[str]:
+    async def start(self, question: str, sources: Sequence[Hit], temperature: float) -> Completion:
         # Deterministic: temperature has nothing to sample here.
-        del temperature
+        pieces = self.sentences(question, sources)
+
+        async def deltas() -> AsyncIterator[str]:
+            for piece in pieces:
+                yield piece
+
+        return Completion(deltas(), list(sources), self.name)
+
+    async def check(self) -> str | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def sentences(self, question: str, sources: Sequence[Hit]) -> list[str]:
+        """The answer as pieces: the best-matching sentences, each with its citation."""
         wanted = _terms(question)
         candidates: list[tuple[float, int, int, str]] = []
         seen: set[str] = set()
@@ -67,17 +119,13 @@ class ExtractiveGenerator:
                     candidates.append((score, n, pos, sentence))
         if not candidates:
             if not sources:
-                yield NO_ANSWER
-                return
+                return [NO_ANSWER]
             first = next((s for s in _SENTENCE_END.split(sources[0].content) if s.strip()), "")
             candidates = [(0.0, 1, 0, _MARKUP.sub("", first).strip())]
         best = sorted(candidates, key=lambda c: (-c[0], c[1], c[2]))[: self._max]
         # Read in source order so the answer follows the documents' own flow.
-        for i, (_, n, _, sentence) in enumerate(sorted(best, key=lambda c: (c[1], c[2]))):
-            yield ("" if i == 0 else " ") + f"{sentence} [{n}]"
-
-
-def build_generator(name: str, answer_sentences: int) -> Generator:
-    if name == "extractive":
-        return ExtractiveGenerator(answer_sentences)
-    raise ValueError(f"unknown GENERATOR {name!r}")
+        ordered = sorted(best, key=lambda c: (c[1], c[2]))
+        return [
+            ("" if i == 0 else " ") + f"{sentence} [{n}]"
+            for i, (_, n, _, sentence) in enumerate(ordered)
+        ]

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from api import __version__
 from api.config import Settings, get_settings
 from api.embeddings import Embedder
+from api.generation import GeneratorUnavailable
 from api.ingest import EmptyDocument
 from api.loaders import UnreadableDocument, UnsupportedFileType
 from api.middleware import BodySizeLimit
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         try:
             yield
         finally:
-            services.close()
+            await services.aclose()
 
     app = FastAPI(title="RAG API", version=__version__, lifespan=lifespan)
     app.include_router(health.router)
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.add_exception_handler(EmptyDocument, _error(422))
     app.add_exception_handler(StoreUnavailable, _error(503))
     app.add_exception_handler(EmbeddingModelMismatch, _error(503))
+    app.add_exception_handler(GeneratorUnavailable, _error(503))
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -93,11 +93,18 @@ class Source(BaseModel):
     chunk: int
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class QueryResponse(BaseModel):
     answer: str
     sources: list[Source]
     processing_time: float = Field(description="seconds spent on the request")
     cached: bool
+    generator: Literal["openai", "extractive"] = Field(description="which generator answered")
+    usage: Usage | None = Field(None, description="LLM tokens, when an LLM answered")
 
 
 class Health(BaseModel):

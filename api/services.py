@@ -10,7 +10,7 @@ from api.answer import QueryService
 from api.cache import Cache
 from api.config import Settings
 from api.embeddings import Embedder
-from api.generation import build_generator
+from api.generation import ExtractiveGenerator, Generator
 from api.ingest import Ingestor
 from api.store import StoreUnavailable, VectorStore
 
@@ -25,6 +25,7 @@ class Services:
     cache: Cache | None
     ingestor: Ingestor
     queries: QueryService
+    generator: Generator
 
     @classmethod
     def start(cls, settings: Settings, embedder: Embedder | None = None) -> Services:
@@ -48,15 +49,9 @@ class Services:
         ingestor = Ingestor(
             embedder, store, cache, settings.chunk_tokens, settings.chunk_overlap_tokens
         )
-        generator = build_generator(settings.generator, settings.answer_sentences)
-        return cls(
-            settings,
-            embedder,
-            store,
-            cache,
-            ingestor,
-            QueryService(embedder, store, cache, generator),
-        )
+        generator, fallback = build_generators(settings)
+        queries = QueryService(embedder, store, cache, generator, fallback)
+        return cls(settings, embedder, store, cache, ingestor, queries, generator)
 
     def prepare_store(self) -> None:
         """Fail fast on a store built with another model; fill an empty store from
@@ -78,7 +73,21 @@ class Services:
             errors=report.errors,
         )
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        await self.generator.aclose()
         if self.cache is not None:
             self.cache.close()
         self.store.close()
+
+
+def build_generators(settings: Settings) -> tuple[Generator, Generator | None]:
+    """The configured generator, and the extractive one as its fallback if asked for."""
+    extractive = ExtractiveGenerator(settings.answer_sentences)
+    if settings.generator == "extractive":
+        return extractive, None
+    from api.llm import OpenAIGenerator
+    from api.prompt import estimate_tokens, gguf_token_counter
+
+    count = gguf_token_counter(settings.llm_gguf) if settings.llm_gguf else estimate_tokens
+    fallback = extractive if settings.llm_fallback == "extractive" else None
+    return OpenAIGenerator(settings, count), fallback

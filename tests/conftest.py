@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from api.config import Settings
 from api.embeddings import Embedder
 from api.main import create_app
-from tests.servers import ROOT, ChromaServer, RedisServer
+from tests.servers import ROOT, ChromaServer, LlamaServer, RedisServer
 
 MODEL_DIR = ROOT / "models"
 CORPUS_DIR = ROOT / "documents"
@@ -27,6 +27,14 @@ def embedder() -> Embedder:
 @pytest.fixture(scope="session")
 def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
     server = ChromaServer(tmp_path_factory.mktemp("chroma"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    server = LlamaServer(tmp_path_factory.mktemp("llama"))
     server.start()
     yield server
     server.stop()
@@ -48,6 +56,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "ingest_on_start": False,
         "chroma_collection_prefix": f"t{uuid.uuid4().hex[:12]}",
         "log_format": "console",
+        # Most tests are about retrieval, caching and input; the LLM has its own tests.
+        "generator": "extractive",
     }
     base.update(overrides)
     return Settings(**base)

@@ -41,9 +41,15 @@ class Process:
     """A child process in its own process group, so stopping it stops its children too."""
 
     def __init__(
-        self, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        argv: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        inherit_env: bool = True,
     ) -> None:
-        self.argv, self.log_path, self.env, self.cwd = argv, log, env, cwd
+        self.argv, self.log_path, self.cwd = argv, log, cwd
+        self.env = {**(os.environ if inherit_env else {}), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -52,7 +58,7 @@ class Process:
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(self.env or {})},
+            env=self.env,
             cwd=self.cwd,
             start_new_session=True,
         )
@@ -123,6 +129,42 @@ class RedisServer(Process):
                 return s.recv(16).startswith(b"+PONG")
 
         wait_until(ping, 10, "redis-server")
+
+
+class LlamaServer(Process):
+    """llama.cpp's OpenAI-compatible server with the real SmolLM2 GGUF, started the way
+    `python -m api serve` starts it."""
+
+    def __init__(self, workdir: Path, alias: str = "smollm2-135m-instruct") -> None:
+        from api.config import Settings
+        from api.runner import llm_server_command, local_model_path
+
+        self.port = free_port()
+        self.model = local_model_path()
+        workdir.mkdir(parents=True, exist_ok=True)
+        settings = Settings(llm_port=self.port, llm_model=alias)
+        # As in api/runner.py: llama_cpp.server would take PORT etc. from our environment.
+        super().__init__(
+            llm_server_command(settings, self.model),
+            workdir / "llama.log",
+            env={"PATH": os.environ["PATH"]},
+            inherit_env=False,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        super().start()
+        url = f"{self.base_url}/models"
+        wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 120, "llama server")
+
+    def cpu_ticks(self) -> int:
+        """CPU time used so far (user + system, in clock ticks): shows whether it is working."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
 
 
 class ChromaServer(Process):

@@ -9,7 +9,7 @@ def hit(content: str, source: str = "a.md", score: float = 0.5) -> Hit:
 
 
 def answer(question: str, *sources: Hit, sentences: int = 3) -> str:
-    return "".join(ExtractiveGenerator(sentences).stream(question, list(sources), 0.7))
+    return "".join(ExtractiveGenerator(sentences).sentences(question, list(sources)))
 
 
 def test_quotes_the_best_matching_sentences_and_cites_their_source():

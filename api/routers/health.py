@@ -23,8 +23,9 @@ async def health() -> Health:
     responses={503: {"model": Readiness, "description": "the vector store is unusable"}},
 )
 async def ready(services: ServicesDep, response: Response) -> Readiness:
-    """Readiness: the vector store and the model are required; Redis only speeds things up,
-    so a Redis outage degrades the replica without taking it out of rotation."""
+    """Readiness: the vector store, the embedding model and the LLM (unless there is a
+    fallback) are required; Redis only speeds things up, so a Redis outage degrades the
+    replica without taking it out of rotation."""
     deps: dict[str, DependencyState] = {
         "model": DependencyState(status="ok", detail=services.embedder.model_id),
     }
@@ -41,7 +42,15 @@ async def ready(services: ServicesDep, response: Response) -> Readiness:
         deps["redis"] = DependencyState(
             status="degraded", detail="unreachable; answering without cache"
         )
-    if deps["chroma"].status != "ok":
+    if services.settings.generator == "extractive":
+        deps["llm"] = DependencyState(status="disabled", detail="GENERATOR=extractive")
+    elif (why := await services.generator.check()) is None:
+        deps["llm"] = DependencyState(status="ok", detail=services.settings.llm_model)
+    elif services.settings.llm_fallback == "extractive":
+        deps["llm"] = DependencyState(status="degraded", detail=f"{why}; answering extractively")
+    else:
+        deps["llm"] = DependencyState(status="down", detail=why)
+    if "down" in {deps["chroma"].status, deps["llm"].status}:
         response.status_code = 503
         return Readiness(status="unavailable", dependencies=deps)
     degraded = any(d.status == "degraded" for d in deps.values())

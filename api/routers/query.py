@@ -1,40 +1,73 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
-from fastapi.concurrency import run_in_threadpool
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
 
+from fastapi import APIRouter, HTTPException, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.answer import Event
 from api.deps import ServicesDep
 from api.schemas import QueryRequest, QueryResponse, Source
 
 router = APIRouter(tags=["query"])
 
+_STREAM_DOC = {
+    "200": {
+        "content": {
+            "text/event-stream": {
+                "description": "With stream=true or Accept: text/event-stream: events `sources` "
+                "(once, first), `token` (one per text delta), then `done` (processing_time, "
+                "cached, generator, usage) or `error` (detail) after which the stream ends."
+            }
+        }
+    },
+    "503": {"description": "the vector store or the LLM is unavailable"},
+}
 
-@router.post("/query", response_model=QueryResponse)
-async def query(body: QueryRequest, services: ServicesDep) -> QueryResponse:
+
+async def _sse(events: AsyncIterator[Event]) -> AsyncIterator[ServerSentEvent]:
+    async for event in events:
+        yield ServerSentEvent(data=json.dumps(event.data), event=event.name)
+
+
+def _source(hit: Any) -> Source:
+    return Source(
+        document=hit.source,
+        content=hit.content,
+        score=hit.score,
+        document_id=hit.doc_id,
+        title=hit.title,
+        chunk=hit.chunk,
+    )
+
+
+@router.post("/query", response_model=QueryResponse, responses=_STREAM_DOC)  # type: ignore[arg-type]
+async def query(body: QueryRequest, request: Request, services: ServicesDep) -> Any:
     question = body.question.strip()
     limit = services.settings.max_question_chars
     if not question:
         raise HTTPException(422, "question must not be blank")
     if len(question) > limit:
         raise HTTPException(422, f"question is longer than {limit} characters")
-    if body.stream:
-        raise HTTPException(501, "streaming answers are not available yet; send stream=false")
-    result = await run_in_threadpool(
-        services.queries.answer, question, body.max_sources, body.temperature
-    )
+    queries = services.queries
+    if body.stream or "text/event-stream" in request.headers.get("accept", ""):
+        events = await queries.events(question, body.max_sources, body.temperature)
+        # sse-starlette watches for the client leaving and cancels the stream at once,
+        # which closes the upstream LLM request instead of letting it run to the end.
+        return EventSourceResponse(
+            _sse(events),
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            ping=15,
+        )
+    result = await queries.answer(question, body.max_sources, body.temperature)
     return QueryResponse(
         answer=result.answer,
-        sources=[
-            Source(
-                document=h.source,
-                content=h.content,
-                score=h.score,
-                document_id=h.doc_id,
-                title=h.title,
-                chunk=h.chunk,
-            )
-            for h in result.sources
-        ],
+        sources=[_source(h) for h in result.sources],
         processing_time=round(result.processing_time, 6),
         cached=result.cached,
+        generator=result.generator,
+        usage=asdict(result.usage) if result.usage is not None else None,
     )

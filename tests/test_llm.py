@@ -1,0 +1,199 @@
+"""Answers from the real llama.cpp server with the real SmolLM2 GGUF, whole and streamed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.servers import LlamaServer, free_port
+
+FREEZE = {
+    "text": "The deploy freeze starts on the 20th of December and ends on January 3rd. "
+    "During the freeze only security fixes are deployed, each approved by the on-call lead.",
+    "source": "freeze.txt",
+}
+QUESTION = {"question": "When does the deploy freeze start?", "temperature": 0.0}
+
+
+def llm_settings(server: LlamaServer, **more):
+    return {
+        "generator": "openai",
+        "llm_base_url": server.base_url,
+        "llm_gguf": server.model,
+        "llm_max_tokens": 48,
+        **more,
+    }
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\r\n\r\n" if "\r\n" in text else "\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_a_whole_answer_from_the_llm_with_its_sources(make_client, llm_server):
+    with make_client(**llm_settings(llm_server)) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        response = client.post("/query", json=QUESTION)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["generator"] == "openai" and body["answer"].strip()
+        assert body["sources"][0]["document"] == "freeze.txt"
+        assert 0 < body["usage"]["completion_tokens"] <= 48
+        # Exact count from the GGUF vocabulary: the prompt holds the source and question.
+        assert body["usage"]["prompt_tokens"] > 40
+        ready = client.get("/ready").json()
+        assert ready["dependencies"]["llm"] == {"status": "ok", "detail": "smollm2-135m-instruct"}
+
+
+def test_stream_events_arrive_in_order(make_client, llm_server, redis_server):
+    with make_client(**llm_settings(llm_server, redis_url=redis_server.url)) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        with client.stream("POST", "/query", json={**QUESTION, "stream": True}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"] == "no-cache"
+            assert response.headers["x-accel-buffering"] == "no"
+            events = parse_sse(response.read().decode())
+        names = [name for name, _ in events]
+        assert names[0] == "sources" and names[-1] == "done"
+        assert set(names[1:-1]) == {"token"} and len(names) > 3
+        assert events[0][1]["sources"][0]["source"] == "freeze.txt"
+        done = events[-1][1]
+        assert done["cached"] is False and done["generator"] == "openai"
+        assert done["usage"]["completion_tokens"] == len(names) - 2
+        streamed = "".join(data["text"] for name, data in events if name == "token")
+
+        # The same question again streams from the cache, with the same text.
+        with client.stream(
+            "POST", "/query", json=QUESTION, headers={"accept": "text/event-stream"}
+        ) as response:
+            again = parse_sse(response.read().decode())
+        assert [n for n, _ in again] == ["sources", "token", "done"]
+        assert again[1][1]["text"] == streamed and again[2][1]["cached"] is True
+        whole = client.post("/query", json=QUESTION).json()
+        assert whole["cached"] is True and whole["answer"] == streamed
+
+
+def test_first_token_comes_well_before_the_last(make_client, llm_server):
+    with make_client(**llm_settings(llm_server, llm_max_tokens=200)) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        body = {
+            "question": "Write a long explanation of the deploy freeze rules.",
+            "temperature": 0.0,
+            "stream": True,
+        }
+        start = time.perf_counter()
+        first = None
+        with client.stream("POST", "/query", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: token") and first is None:
+                    first = time.perf_counter() - start
+        total = time.perf_counter() - start
+    assert first is not None
+    assert first < total / 3, (first, total)
+
+
+def test_client_disconnect_stops_generation(tmp_path, embedder, llm_server):
+    """Over a real socket: the LLM server stops producing tokens once the client leaves."""
+    import threading
+
+    import uvicorn
+
+    from api.main import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, **llm_settings(llm_server, llm_max_tokens=1500))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, embedder), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        httpx.post(f"{base}/documents", json={"documents": [FREEZE]}, timeout=60)
+        body = {
+            "question": "Tell a very long story about a deploy freeze.",
+            "stream": True,
+            "temperature": 0.8,
+        }
+        with httpx.stream("POST", f"{base}/query", json=body, timeout=60) as response:
+            tokens = 0
+            for line in response.iter_lines():
+                tokens += line.startswith("event: token")
+                if tokens == 5:
+                    break
+        # The client is gone. Within a moment the LLM server must go idle, not spend the
+        # next ~10 s finishing 1500 tokens nobody will read.
+        time.sleep(1.0)
+        before = llm_server.cpu_ticks()
+        time.sleep(2.0)
+        assert llm_server.cpu_ticks() - before <= 10  # ticks are 10 ms: at most 5% busy
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def own_llm(tmp_path):
+    server = LlamaServer(tmp_path / "own-llama")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_llm_killed_gives_503_with_a_clear_detail(make_client, own_llm):
+    with make_client(**llm_settings(own_llm, llm_retries=0)) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        assert client.post("/query", json=QUESTION).status_code == 200
+        own_llm.kill()
+        for body in (
+            QUESTION | {"question": "Who approves fixes?"},
+            QUESTION | {"question": "Who approves fixes?", "stream": True},
+        ):
+            response = client.post("/query", json=body)
+            assert response.status_code == 503
+            assert "LLM server" in response.json()["detail"]
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        assert ready.json()["dependencies"]["llm"]["status"] == "down"
+
+
+def test_llm_killed_falls_back_to_extractive_when_configured(make_client, own_llm):
+    with make_client(**llm_settings(own_llm, llm_fallback="extractive")) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        own_llm.kill()
+        body = client.post("/query", json=QUESTION).json()
+        assert body["generator"] == "extractive"
+        assert "20th of December" in body["answer"] and "[1]" in body["answer"]
+        # Fallback answers are not cached: once the LLM is back it answers again.
+        assert client.post("/query", json=QUESTION).json()["cached"] is False
+        ready = client.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json()["dependencies"]["llm"]["status"] == "degraded"
+
+
+def test_unreachable_llm_at_start_up_still_starts_and_ready_says_why(make_client):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with make_client(generator="openai", llm_base_url=url) as client:
+        assert client.get("/health").status_code == 200
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        llm = ready.json()["dependencies"]["llm"]
+        assert llm["status"] == "down" and url in llm["detail"]
+        client.post("/documents", json={"documents": [FREEZE]})
+        response = client.post("/query", json=QUESTION)
+        assert response.status_code == 503 and url in response.json()["detail"]
