@@ -19,8 +19,8 @@ def _serve() -> int:
 def _ingest(paths: list[Path]) -> int:
     from tqdm import tqdm
 
-    from api.ingest import NewDocument, iter_files
-    from api.loaders import UnreadableDocument, UnsupportedFileType, load_file
+    from api.ingest import EmptyDocument, iter_files
+    from api.loaders import UnreadableDocument, UnsupportedFileType
     from api.services import Services
     from api.store import EmbeddedStoreBusy, StoreUnavailable
     from api.telemetry import configure_logging
@@ -46,11 +46,8 @@ def _ingest(paths: list[Path]) -> int:
         with tqdm(files, unit="file", desc="ingest") as bar:
             for path in bar:
                 try:
-                    loaded = load_file(path.name, path.read_bytes())
-                    result = services.ingestor.ingest(
-                        [NewDocument(loaded.text, str(path), "cli", loaded.title)]
-                    )[0]
-                except (UnreadableDocument, UnsupportedFileType, OSError) as exc:
+                    result = services.ingestor.ingest_file(path, str(path), "cli")
+                except (UnreadableDocument, UnsupportedFileType, EmptyDocument, OSError) as exc:
                     failed[str(path)] = str(exc)
                     continue
                 except StoreUnavailable as exc:

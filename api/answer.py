@@ -143,15 +143,7 @@ class QueryService:
                 }
                 key = answer_key(generation, question, params)
                 cached = await run_in_threadpool(self._cache.get_answer, key)
-                if cached is not None:
-                    hit = Answer(
-                        cached["answer"],
-                        [Hit(**s) for s in cached["sources"]],
-                        True,
-                        time.perf_counter() - started,
-                        cached["generator"],
-                        None,
-                    )
+                if (hit := _from_cache(cached, started)) is not None:
                     return _Opened(started, key, cached=hit)
         sources = await run_in_threadpool(self.retrieve, question, max_sources)
         try:
@@ -194,6 +186,23 @@ class QueryService:
                 completion_tokens=answer.usage.completion_tokens,
             )
         return answer
+
+
+def _from_cache(record: dict[str, Any] | None, started: float) -> Answer | None:
+    if record is None:
+        return None
+    try:
+        sources = [Hit(**s) for s in record["sources"]]
+        return Answer(
+            record["answer"],
+            sources,
+            True,
+            time.perf_counter() - started,
+            record["generator"],
+            None,
+        )
+    except (KeyError, TypeError):  # another version's record: a miss
+        return None
 
 
 async def _collect(completion: Completion) -> str:

@@ -59,6 +59,8 @@ class Cache:
         self._state = threading.Lock()
         self._stop = threading.Event()
         self._probe: threading.Thread | None = None
+        # A corpus change that could not be announced; retried until it is.
+        self._pending_bump = False
 
     @property
     def available(self) -> bool:
@@ -68,6 +70,17 @@ class Cache:
         self._stop.set()
         if self._probe is not None:
             self._probe.join(timeout=self._retry + 1)
+        if self._pending_bump:
+            # Last chance: no probe will run after this process has gone.
+            try:
+                self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+            except redis.RedisError as exc:
+                log.error(
+                    "corpus change not announced to redis: cached answers may be stale "
+                    "until they expire",
+                    error=str(exc),
+                    ttl_seconds=self._ttl,
+                )
         self._redis.close()
 
     # --- the public operations; each degrades to "no cache" instead of raising
@@ -84,11 +97,20 @@ class Cache:
         return generation
 
     def bump_generation(self) -> None:
-        self._guarded(lambda: self._redis.set(GENERATION_KEY, uuid.uuid4().hex))
+        """Tried even while the cache is switched off: a change other workers do not hear
+        of lets them serve stale answers. If it fails, the probe retries it."""
+        try:
+            self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+        except redis.RedisError as exc:
+            self._pending_bump = True
+            self._went_down(exc)
 
     def get_answer(self, key: str) -> dict[str, Any] | None:
         raw = self._guarded(lambda: self._redis.get(key))
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:  # written by another version: a miss, not an error
+            return None
 
     def put_answer(self, key: str, value: dict[str, Any]) -> None:
         self._guarded(lambda: self._redis.set(key, json.dumps(value), ex=self._ttl))
@@ -133,10 +155,13 @@ class Cache:
         while not self._stop.wait(self._retry):
             try:
                 self._redis.ping()
+                # Any worker's writes during the outage may be unannounced: replace the
+                # generation before trusting a cached answer again.
                 self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
             except redis.RedisError:
                 continue
             with self._state:
                 self._up = True
+                self._pending_bump = False
             log.info("redis is back, cache resumed")
             return

@@ -34,12 +34,30 @@ def _segments(text: str, tokenizer: Tokenizer, max_tokens: int) -> list[Span]:
         if len(enc.ids) <= max_tokens:
             spans.append(Span(start, end, len(enc.ids)))
             continue
-        # A sentence longer than a whole chunk is cut on token boundaries.
-        offsets = enc.offsets
-        for i in range(0, len(offsets), max_tokens):
-            window = offsets[i : i + max_tokens]
-            stop = end if i + max_tokens >= len(offsets) else start + offsets[i + max_tokens][0]
-            spans.append(Span(start + window[0][0], stop, len(window)))
+        spans.extend(_cut_long(start, end, enc.offsets, enc.word_ids, max_tokens))
+    return spans
+
+
+def _cut_long(
+    start: int, end: int, offsets: list[tuple[int, int]], words: list[int | None], max_tokens: int
+) -> list[Span]:
+    """A sentence longer than a whole chunk is cut between words: a cut inside a word
+    would re-tokenize into more pieces than it was counted as."""
+    spans: list[Span] = []
+    i, n = 0, len(offsets)
+    while i < n:
+        cut = min(i + max_tokens, n)
+        if cut < n:
+            # Back to the start of the word the budget ends in, unless that word alone
+            # is longer than the budget.
+            k = cut
+            while k > i + 1 and words[k] == words[k - 1]:
+                k -= 1
+            if words[k] != words[k - 1]:
+                cut = k
+        stop = end if cut >= n else start + offsets[cut][0]
+        spans.append(Span(start + offsets[i][0], stop, cut - i))
+        i = cut
     return spans
 
 

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_document_chars: int = Field(2_000_000, ge=1)
+    pdf_timeout_seconds: float = Field(20.0, gt=0, description="per PDF text extraction")
     max_documents_per_request: int = Field(100, ge=1)
 
     @model_validator(mode="after")

@@ -23,7 +23,9 @@ NO_ANSWER = "I could not find anything about that in the indexed documents."
 # or at a line break (list items and headings).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|\n+")
 _WORD = re.compile(r"[a-z0-9][a-z0-9_.-]*[a-z0-9]|[a-z0-9]")
-_MARKUP = re.compile(r"^[\s#>*\-+`|]+|[`*_]+")
+# Markdown that reads badly in a quoted sentence: leading list/heading/quote marks, code
+# ticks, and emphasis marks at word edges (so REDIS_URL and snake_case stay whole).
+_MARKUP = re.compile(r"^[\s#>*+|-]+|`+|\*+(?=\w)|(?<=\w)\*+|(?<!\w)_+(?=\w)|(?<=\w)_+(?!\w)")
 _STOPWORDS = frozenset(
     """a an and are as at be but by can do does for from has have how i if in into is it its
     me my no not of on or our should so than that the their then there these they this to up

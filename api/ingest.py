@@ -17,6 +17,7 @@ import structlog
 
 from api.cache import Cache
 from api.chunking import chunk_text
+from api.config import Settings
 from api.embeddings import Embedder, Vectors
 from api.loaders import SUPPORTED_SUFFIXES, UnreadableDocument, load_file
 from api.store import StoredDocument, VectorStore
@@ -27,6 +28,10 @@ DIRECTORY_ORIGIN = "directory"
 
 
 class EmptyDocument(ValueError):
+    pass
+
+
+class DocumentsDirMissing(RuntimeError):
     pass
 
 
@@ -93,18 +98,12 @@ def iter_files(paths: Iterable[Path]) -> list[Path]:
 
 class Ingestor:
     def __init__(
-        self,
-        embedder: Embedder,
-        store: VectorStore,
-        cache: Cache | None,
-        chunk_tokens: int,
-        overlap_tokens: int,
+        self, embedder: Embedder, store: VectorStore, cache: Cache | None, settings: Settings
     ) -> None:
         self._embedder = embedder
         self._store = store
         self._cache = cache
-        self._chunk_tokens = chunk_tokens
-        self._overlap = overlap_tokens
+        self._settings = settings
 
     def ingest(self, documents: list[NewDocument]) -> list[IngestResult]:
         prepared: dict[str, _Prepared] = {}
@@ -114,12 +113,23 @@ class Ingestor:
             if not text:
                 raise EmptyDocument(f"document {position} ({new.source}) has no text")
             doc_id = document_id(text)
-            if doc_id in prepared or self._store.has_document(doc_id):
+            if doc_id in prepared:
+                first = prepared[doc_id].doc
                 results.append(
-                    IngestResult(doc_id, new.source, new.title or new.source, 0, "unchanged")
+                    IngestResult(doc_id, first.source, first.title, first.chunks, "unchanged")
                 )
                 continue
-            chunks = chunk_text(text, self._embedder.counter, self._chunk_tokens, self._overlap)
+            if (stored := self._store.get_document(doc_id, with_text=False)) is not None:
+                results.append(
+                    IngestResult(doc_id, stored.source, stored.title, stored.chunks, "unchanged")
+                )
+                continue
+            chunks = chunk_text(
+                text,
+                self._embedder.counter,
+                self._settings.chunk_tokens,
+                self._settings.chunk_overlap_tokens,
+            )
             title = new.title or new.source
             doc = StoredDocument(
                 id=doc_id,
@@ -155,36 +165,42 @@ class Ingestor:
             log.info("document deleted", doc_id=doc_id)
         return deleted
 
+    def ingest_file(self, path: Path, source: str, origin: str) -> IngestResult:
+        limits = self._settings
+        loaded = load_file(
+            path.name, path.read_bytes(), limits.max_document_chars, limits.pdf_timeout_seconds
+        )
+        return self.ingest([NewDocument(loaded.text, source, origin, loaded.title)])[0]
+
     def reload(self, directory: Path) -> ReloadReport:
         """Make the store's copy of `directory` match it: new and changed files are
-        ingested, files gone from it are removed. Unreadable files are reported, not fatal."""
+        ingested, documents no file holds any more are removed. An unreadable file is
+        reported and keeps its last good version."""
+        if not directory.is_dir():
+            # A missing mount must not read as "every file was deleted".
+            raise DocumentsDirMissing(
+                f"DOCUMENTS_DIR {directory} is not a directory; nothing was changed"
+            )
         known = self._store.documents_from(DIRECTORY_ORIGIN)
-        present: set[str] = set()
+        keep: set[str] = set()  # ids some file still holds (identical files share one)
         created: list[IngestResult] = []
-        stale: list[str] = []  # ids of earlier versions of files that changed
         errors: dict[str, str] = {}
         unchanged = 0
-        for path in iter_files([directory]) if directory.is_dir() else []:
+        for path in iter_files([directory]):
             source = path.relative_to(directory).as_posix()
-            present.add(source)
             try:
-                loaded = load_file(path.name, path.read_bytes())
-            except (UnreadableDocument, OSError) as exc:
+                result = self.ingest_file(path, source, DIRECTORY_ORIGIN)
+            except (UnreadableDocument, EmptyDocument, OSError) as exc:
                 errors[source] = str(exc)
+                if source in known:
+                    keep.add(known[source])
                 continue
-            if known.get(source) == document_id(loaded.text):
-                unchanged += 1
-                continue
-            result = self.ingest(
-                [NewDocument(loaded.text, source, DIRECTORY_ORIGIN, loaded.title)]
-            )[0]
+            keep.add(result.id)
             if result.status == "created":
                 created.append(result)
             else:
                 unchanged += 1
-            if source in known and known[source] != result.id:
-                stale.append(known[source])
-        removed = stale + [known[s] for s in sorted(set(known) - present)]
+        removed = sorted(set(known.values()) - keep)
         for doc_id in removed:
             self.delete(doc_id)
         return ReloadReport(created, unchanged, removed, errors)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import io
-import logging
+import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import PurePosixPath
 
 from bs4 import BeautifulSoup
-from pypdf import PdfReader
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".html", ".htm")
-
-# pypdf reports recoverable damage through logging; a corrupt file is judged by what it raises.
-logging.getLogger("pypdf").setLevel(logging.ERROR)
 
 
 class UnsupportedFileType(ValueError):
@@ -27,21 +24,25 @@ class UnreadableDocument(ValueError):
 
 @dataclass(frozen=True)
 class LoadedText:
+    name: str
     text: str
     title: str
 
 
-def load_file(filename: str, data: bytes) -> LoadedText:
-    name = PurePath(filename).name
-    suffix = PurePath(name).suffix.lower()
+def load_file(
+    filename: str, data: bytes, max_chars: int = 2_000_000, pdf_timeout: float = 20.0
+) -> LoadedText:
+    """Text and title of an uploaded file; `name` is reduced to its last path part."""
+    name = PurePosixPath(filename.replace("\\", "/")).name or "upload"
+    suffix = PurePosixPath(name).suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise UnsupportedFileType(
             f"{name}: unsupported file type {suffix or '(none)'}; "
             f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
         )
-    stem = PurePath(name).stem
+    stem = PurePosixPath(name).stem
     if suffix == ".pdf":
-        text, title = _pdf(name, data)
+        text, title = _pdf(name, data, max_chars, pdf_timeout)
     elif suffix in (".html", ".htm"):
         text, title = _html(_decode(name, data))
     else:
@@ -49,7 +50,9 @@ def load_file(filename: str, data: bytes) -> LoadedText:
         title = _markdown_title(text) if suffix == ".md" else None
     if not text.strip():
         raise UnreadableDocument(f"{name}: no text found in the document")
-    return LoadedText(text=text, title=title or stem)
+    if len(text) > max_chars:
+        raise UnreadableDocument(f"{name}: longer than {max_chars} characters of text")
+    return LoadedText(name=name, text=text, title=title or stem)
 
 
 def _decode(name: str, data: bytes) -> str:
@@ -78,12 +81,23 @@ def _html(markup: str) -> tuple[str, str | None]:
     return "\n".join(line for line in lines if line), title or None
 
 
-def _pdf(name: str, data: bytes) -> tuple[str, str | None]:
+def _pdf(name: str, data: bytes, max_chars: int, timeout: float) -> tuple[str, str | None]:
     try:
-        reader = PdfReader(io.BytesIO(data), strict=False)
-        pages = [page.extract_text() or "" for page in reader.pages]
-        meta_title = reader.metadata.title if reader.metadata else None
-    # A damaged PDF can fail anywhere inside the parser; any failure means "unreadable".
-    except Exception as exc:
-        raise UnreadableDocument(f"{name}: cannot read PDF ({exc})") from exc
-    return "\n\n".join(pages), (str(meta_title).strip() or None) if meta_title else None
+        run = subprocess.run(
+            [sys.executable, "-m", "api.pdftext", str(max_chars)],
+            input=data,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise UnreadableDocument(
+            f"{name}: PDF text extraction took longer than {timeout:g} s"
+        ) from None
+    try:
+        result = json.loads(run.stdout)
+    except ValueError:
+        raise UnreadableDocument(f"{name}: cannot read PDF (the parser died)") from None
+    if "error" in result:
+        raise UnreadableDocument(f"{name}: cannot read PDF ({result['error']})")
+    return result["text"], result["title"]

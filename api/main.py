@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api import __version__
 from api.config import Settings, get_settings
 from api.embeddings import Embedder
 from api.generation import GeneratorUnavailable
-from api.ingest import EmptyDocument
+from api.ingest import DocumentsDirMissing, EmptyDocument
 from api.loaders import UnreadableDocument, UnsupportedFileType
 from api.middleware import BodySizeLimit
 from api.routers import documents, health, query
@@ -30,6 +31,14 @@ def _error(status: int):  # type: ignore[no-untyped-def]
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
     return handler
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own handler echoes the offending input, which may not even be JSON
+    (NaN, lone surrogates); the type, location and message are what a client needs."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -61,9 +70,11 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.include_router(health.router)
     app.include_router(documents.router)
     app.include_router(query.router)
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(UnsupportedFileType, _error(415))
     app.add_exception_handler(UnreadableDocument, _error(422))
     app.add_exception_handler(EmptyDocument, _error(422))
+    app.add_exception_handler(DocumentsDirMissing, _error(409))
     app.add_exception_handler(StoreUnavailable, _error(503))
     app.add_exception_handler(EmbeddingModelMismatch, _error(503))
     app.add_exception_handler(GeneratorUnavailable, _error(503))

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 MetadataKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
-MetadataValue = Annotated[str, StringConstraints(max_length=1024)] | int | float | bool
+
+
+def _not_an_int(value: object) -> object:
+    # Without this, an integer too big for int64 would slip through as a float.
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError("integers must fit in 64 bits")
+    return value
+
+
+# Chroma stores 64-bit integers and finite floats; anything else would be silently changed.
+MetadataValue = (
+    Annotated[str, StringConstraints(max_length=1024)]
+    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_an_int)]
+    | bool
+)
 
 
 class _Strict(BaseModel):
@@ -80,7 +95,7 @@ class ReloadResponse(BaseModel):
 class QueryRequest(_Strict):
     question: str = Field(min_length=1)
     max_sources: int = Field(3, ge=1, le=20)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
     stream: bool = False
 
 

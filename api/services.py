@@ -46,9 +46,7 @@ class Services:
             if settings.redis_url
             else None
         )
-        ingestor = Ingestor(
-            embedder, store, cache, settings.chunk_tokens, settings.chunk_overlap_tokens
-        )
+        ingestor = Ingestor(embedder, store, cache, settings)
         generator, fallback = build_generators(settings)
         queries = QueryService(embedder, store, cache, generator, fallback)
         return cls(settings, embedder, store, cache, ingestor, queries, generator)

@@ -5,7 +5,7 @@ Two collections. `<prefix>-chunks` holds one record per chunk, searched by simil
 chunk vectors) and is the commit point: chunks are written first and the document record
 last, so a document exists only once all its chunks do. Searches drop chunks whose
 document record is missing, which hides a write cut off half-way; re-ingesting the same
-content clears such leftovers before writing.
+content overwrites such leftovers (chunk ids derive from the content).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import chromadb
 import numpy as np
@@ -205,13 +205,11 @@ class VectorStore:
         with self._call("count") as (_, docs):
             return docs.count()
 
-    def has_document(self, doc_id: str) -> bool:
-        with self._call("lookup") as (_, docs):
-            return bool(docs.get(ids=[doc_id], include=[])["ids"])
-
-    def get_document(self, doc_id: str) -> StoredDocument | None:
+    def get_document(self, doc_id: str, with_text: bool = True) -> StoredDocument | None:
         with self._call("get") as (_, docs):
-            got = docs.get(ids=[doc_id], include=["metadatas", "documents"])
+            got = docs.get(
+                ids=[doc_id], include=["metadatas", "documents"] if with_text else ["metadatas"]
+            )
         if not got["ids"]:
             return None
         text = got["documents"][0] if got["documents"] else None
@@ -252,7 +250,7 @@ class VectorStore:
                 doc_id=str(m["doc_id"]),
                 source=str(m["source"]),
                 title=str(m["title"]),
-                chunk=int(str(m["chunk"])),
+                chunk=cast(int, m["chunk"]),
                 content=t,
                 score=round(1.0 - float(d), 6),
             )
@@ -273,9 +271,14 @@ class VectorStore:
         centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
         with self._call("write") as (chunks, docs):
             assert self._client is not None
+            if docs.get(ids=[doc.id], include=[])["ids"]:
+                return  # another writer committed this same content meanwhile
             batch = self._client.get_max_batch_size()
-            # Leftovers of an earlier, interrupted write of this same content.
-            chunks.delete(where={"doc_id": doc.id})
+            # Chunk ids derive from the content, so concurrent writers of one document
+            # upsert identical records. Leftovers of an interrupted write cut with other
+            # chunk settings may run past our last chunk: those go.
+            beyond: Any = {"$and": [{"doc_id": doc.id}, {"chunk": {"$gte": len(ids)}}]}
+            chunks.delete(where=beyond)
             try:
                 for start in range(0, len(ids), batch):
                     end = start + batch
@@ -292,7 +295,9 @@ class VectorStore:
                     metadatas=[doc.as_metadata()],
                 )
             except Exception:
-                chunks.delete(ids=ids)
+                # Roll back, unless a concurrent writer has committed the same document.
+                if not docs.get(ids=[doc.id], include=[])["ids"]:
+                    chunks.delete(ids=ids)
                 raise
 
     def delete_document(self, doc_id: str) -> bool:

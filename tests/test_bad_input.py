@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import services_of
-from tests.files import MARKDOWN, pdf_bytes
+from tests.files import MARKDOWN, pdf_bytes, slow_pdf
 
 GOOD = {"text": "The deploy freeze starts on the 20th of December.", "source": "freeze.txt"}
 
@@ -67,6 +68,7 @@ INGEST_CASES = {
     "bad metadata key": ({"documents": [{"text": "x y z", "metadata": {"$where": 1}}]}, 422),
     "unknown field": ({"documents": [{"text": "x y z", "owner": "me"}]}, 422),
     "body too large": ({"documents": [{"text": "y" * 70_000}]}, 413),
+    "int too large": ({"documents": [{"text": "x y z", "metadata": {"n": 10**30}}]}, 422),
 }
 
 
@@ -92,6 +94,33 @@ def test_bad_bodies(seeded, case):
     before = snapshot(seeded)
     expect(seeded, seeded.post("/documents", content=data, headers={"content-type": kind}), status)
     assert snapshot(seeded) == before
+
+
+@pytest.mark.parametrize(
+    "path,raw",
+    [
+        ("/query", b'{"question": "freeze \\ud800?"}'),
+        ("/documents", b'{"documents": [{"text": "x \\ud800 z"}]}'),
+    ],
+)
+def test_lone_surrogates_are_422(seeded, path, raw):
+    before = snapshot(seeded)
+    response = seeded.post(path, content=raw, headers={"content-type": "application/json"})
+    expect(seeded, response, 422)
+    assert snapshot(seeded) == before
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"question": "x", "temperature": NaN}',
+        b'{"question": "x", "temperature": Infinity}',
+        b'{"question": "x", "max_sources": 1e999}',
+    ],
+)
+def test_non_finite_numbers_are_422(seeded, raw):
+    response = seeded.post("/query", content=raw, headers={"content-type": "application/json"})
+    expect(seeded, response, 422)
 
 
 def test_malformed_query_json(seeded):
@@ -153,9 +182,45 @@ def test_bad_pagination_is_422(seeded, params):
     expect(seeded, seeded.get("/documents", params=params), 422)
 
 
-def test_the_worker_survives_bad_input(seeded):
-    for _ in range(3):
-        seeded.post("/documents", files=[("files", ("bad.pdf", b"%PDF-", "application/pdf"))])
-    response = seeded.post("/query", json={"question": "When does the deploy freeze start?"})
+def test_a_pdf_that_would_take_minutes_is_cut_off(make_client):
+    with make_client(pdf_timeout_seconds=2) as client:
+        before = snapshot(client)
+        started = time.monotonic()
+        files = [("files", ("slow.pdf", slow_pdf(), "application/pdf"))]
+        expect(client, client.post("/documents", files=files), 422, "took longer than 2 s")
+        assert time.monotonic() - started < 10
+        assert snapshot(client) == before
+        ok = client.post(
+            "/documents", files=[("files", ("fine.pdf", pdf_bytes(["Fine."]), "application/pdf"))]
+        )
+        assert ok.status_code == 200
+
+
+def test_upload_names_lose_their_directories(seeded):
+    files = [("files", ("../../etc/notes.txt", b"Path parts are dropped.", "text/plain"))]
+    response = seeded.post("/documents", files=files)
     assert response.status_code == 200
-    assert response.json()["sources"][0]["document"] == "freeze.txt"
+    assert response.json()["documents"][0]["source"] == "notes.txt"
+
+
+def test_too_many_files_is_400(seeded):
+    files = [("files", (f"f{i}.txt", b"some words here", "text/plain")) for i in range(6)]
+    before = snapshot(seeded)
+    expect(seeded, seeded.post("/documents", files=files), 400, "Too many files")
+    assert snapshot(seeded) == before
+
+
+def chunked(data: bytes, size: int = 4096):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.mark.parametrize("path", ["/query", "/documents"])
+def test_a_chunked_body_over_the_limit_is_413(seeded, path):
+    body = json.dumps({"question": "x" * 70_000, "documents": []}).encode()
+    before = snapshot(seeded)
+    response = seeded.post(
+        path, content=chunked(body), headers={"content-type": "application/json"}
+    )
+    expect(seeded, response, 413, "larger than")
+    assert snapshot(seeded) == before

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import pytest
 
+from tests.conftest import services_of
 from tests.servers import ChromaServer, RedisServer
 
 FREEZE = {
@@ -69,13 +71,22 @@ def test_ingest_and_delete_invalidate_cached_answers(served):
     assert ask(served)["cached"] is True
 
 
-def test_query_embeddings_are_cached(served, redis_server):
+def test_query_embeddings_are_cached_and_read_back(served, redis_server):
     import redis
 
-    served.post("/documents", json={"documents": [FREEZE]})
-    ask(served)
-    keys = redis.Redis.from_url(redis_server.url).keys("rag:embedding:*")
+    served.post("/documents", json={"documents": [FREEZE, PAGER]})
+    assert ask(served)["sources"][0]["document"] == "freeze.txt"
+    client = redis.Redis.from_url(redis_server.url)
+    keys = client.keys("rag:embedding:*")
     assert len(keys) == 1
+    # Plant the pager question's vector under the freeze question's key: if the cache is
+    # read, the search follows the planted vector.
+    embedder = services_of(served).embedder
+    planted = embedder.embed_one("who hands over the pager on monday?")
+    client.set(keys[0], planted.astype("float32").tobytes())
+    fresh = ask(served, {**QUESTION, "max_sources": 1})  # new parameters: no cached answer
+    assert fresh["cached"] is False
+    assert fresh["sources"][0]["document"] == "pager.txt"
 
 
 def test_redis_outage_degrades_and_the_cache_comes_back(served, redis_server, caplog):
@@ -147,3 +158,54 @@ def test_ready_is_503_when_chroma_is_down(make_client, tmp_path):
             assert client.get("/health").status_code == 200
     finally:
         chroma.stop()
+
+
+def two_workers(make_client, chroma_server, redis_server, **overrides):
+    """Two app instances sharing one Chroma server and one Redis, like two gunicorn workers."""
+    settings = {
+        "chroma_host": "127.0.0.1",
+        "chroma_port": chroma_server.port,
+        "redis_url": redis_server.url,
+        "chroma_collection_prefix": f"shared{uuid.uuid4().hex[:8]}",
+        **overrides,
+    }
+    return make_client(**settings), make_client(**settings)
+
+
+def test_a_worker_whose_cache_is_switched_off_still_announces_its_writes(
+    make_client, chroma_server, redis_server
+):
+    first, second = two_workers(make_client, chroma_server, redis_server, redis_retry_seconds=60)
+    with first as w1, second as w2:
+        w1.post("/documents", json={"documents": [FREEZE]})
+        ask(w2)
+        assert ask(w2)["cached"] is True
+        redis_server.pause()
+        try:
+            ask(w1)  # times out: w1 switches its cache off (and will not probe for a minute)
+        finally:
+            redis_server.resume()
+        w1.post("/documents", json={"documents": [PAGER]})
+        answer = ask(w2)
+        assert answer["cached"] is False
+        assert {s["document"] for s in answer["sources"]} == {"freeze.txt", "pager.txt"}
+
+
+def test_a_write_redis_never_heard_of_is_announced_when_the_worker_stops(
+    make_client, chroma_server, redis_server
+):
+    first, second = two_workers(make_client, chroma_server, redis_server, redis_retry_seconds=60)
+    with second as w2:
+        with first as w1:
+            w1.post("/documents", json={"documents": [FREEZE]})
+            ask(w2)
+            assert ask(w2)["cached"] is True
+            redis_server.pause()
+            try:
+                w1.post("/documents", json={"documents": [PAGER]})  # the bump times out
+            finally:
+                redis_server.resume()
+        # w1 has shut down: its last act was to announce the write.
+        answer = ask(w2)
+        assert answer["cached"] is False
+        assert {s["document"] for s in answer["sources"]} == {"freeze.txt", "pager.txt"}

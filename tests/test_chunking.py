@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import itertools
+import random
 import re
+import string
 
 import pytest
 from tokenizers import Tokenizer
@@ -59,6 +61,18 @@ def test_blank_text_gives_no_chunks(tok):
     assert chunk_text("One line.", tok, 100, 10) == ["One line."]
 
 
-def test_chunking_is_deterministic(tok):
-    text = (CORPUS_DIR / "redis-cache.md").read_text()
-    assert chunk_text(text, tok, 120, 30) == chunk_text(text, tok, 120, 30)
+def test_long_sentences_are_cut_between_words_within_the_budget(tok):
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + "éßø"
+    for _ in range(60):
+        words = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 25)))
+            for _ in range(rng.randint(50, 300))
+        ]
+        text = " ".join(words)
+        budget = rng.choice([32, 64, 100, 254])  # above any one word's token count
+        chunks = chunk_text(text, tok, budget, budget // 5)
+        assert max(ntokens(tok, c) for c in chunks) <= budget
+        # Every chunk starts and ends on a whole word of the text.
+        for chunk in chunks:
+            assert chunk.split()[0] in words and chunk.split()[-1] in words

@@ -186,3 +186,47 @@ def test_gunicorn_refuses_several_workers_on_the_embedded_store(tmp_path):
     )
     assert run.returncode != 0
     assert "needs a Chroma server" in run.stderr
+
+
+def test_reload_keeps_content_that_another_file_still_holds(make_client, tmp_path):
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "a.md").write_text("# Same\n\nIdentical runbook text.")
+    (folder / "copy-of-a.md").write_text("# Same\n\nIdentical runbook text.")
+    with make_client(ingest_on_start=True) as client:
+        assert client.get("/documents").json()["total"] == 1
+        (folder / "a.md").unlink()
+        report = client.post("/documents/reload").json()
+        assert report["removed"] == [] and report["unchanged"] == 1
+        assert client.get("/documents").json()["total"] == 1
+
+
+def test_reload_of_a_missing_folder_changes_nothing(make_client, tmp_path):
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\n\nSomething worth keeping.")
+    with make_client(ingest_on_start=True) as client:
+        folder.rename(tmp_path / "moved")
+        response = client.post("/documents/reload")
+        assert response.status_code == 409 and "not a directory" in response.json()["detail"]
+        assert client.get("/documents").json()["total"] == 1
+
+
+def test_a_second_writer_never_breaks_a_committed_document(client, monkeypatch):
+    """Two workers ingest the same content; the second one's write fails. The first one's
+    committed document must stay whole."""
+    store = services_of(client).store
+    first = ingest(client, {"text": LONG, "source": "steps.txt"})[0]
+    prepared = store.get_document(first["id"])
+    chunks, _ = store._connect()
+
+    def failing_upsert(self, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(chunks), "upsert", failing_upsert)
+    vectors = services_of(client).embedder.embed(["x"] * first["chunks"])
+    store.write_document(prepared, LONG, ["x"] * first["chunks"], vectors)  # sees the commit
+    monkeypatch.undo()
+    assert chunk_count(client, first["id"]) == first["chunks"]
+    hits = client.post("/query", json={"question": "stale locks on replicas"}).json()
+    assert hits["sources"][0]["document_id"] == first["id"]

@@ -32,6 +32,14 @@ def test_dots_inside_names_and_numbers_do_not_end_a_sentence():
     assert text == "The redis timeout is 0.25 s in api.cache today. [1]"
 
 
+def test_identifiers_keep_their_underscores_while_emphasis_goes():
+    text = answer(
+        "Which variable sets the redis timeout?",
+        hit("Set `REDIS_TIMEOUT_SECONDS` in the _env_ file for the redis timeout."),
+    )
+    assert text == "Set REDIS_TIMEOUT_SECONDS in the env file for the redis timeout. [1]"
+
+
 def test_markdown_markup_is_dropped_and_list_items_are_sentences():
     text = answer(
         "Which port does chroma use?",

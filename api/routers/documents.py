@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -47,9 +48,7 @@ async def _from_json(request: Request, services: Services) -> list[NewDocument]:
     try:
         body = IngestRequest.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise HTTPException(
-            422, exc.errors(include_url=False, include_context=False, include_input=False)
-        ) from exc
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
     limits = services.settings
     if len(body.documents) > limits.max_documents_per_request:
         raise HTTPException(
@@ -71,16 +70,19 @@ async def _from_upload(request: Request, services: Services) -> list[NewDocument
         raise HTTPException(422, "multipart upload needs one or more parts named 'files'")
     documents = []
     for upload in files:
-        name = upload.filename or "upload"
         data = await upload.read(limits.max_upload_bytes + 1)
         if len(data) > limits.max_upload_bytes:
-            raise HTTPException(413, f"{name}: larger than {limits.max_upload_bytes} bytes")
-        loaded = await run_in_threadpool(load_file, name, data)
-        if len(loaded.text) > limits.max_document_chars:
             raise HTTPException(
-                422, f"{name}: longer than {limits.max_document_chars} characters of text"
+                413, f"{upload.filename}: larger than {limits.max_upload_bytes} bytes"
             )
-        documents.append(NewDocument(loaded.text, name, "upload", loaded.title))
+        loaded = await run_in_threadpool(
+            load_file,
+            upload.filename or "upload",
+            data,
+            limits.max_document_chars,
+            limits.pdf_timeout_seconds,
+        )
+        documents.append(NewDocument(loaded.text, loaded.name, "upload", loaded.title))
     return documents
 
 
@@ -103,7 +105,7 @@ async def ingest(request: Request, services: ServicesDep) -> IngestResponse:
 async def list_documents(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> DocumentPage:
     docs, total = await run_in_threadpool(services.store.list_documents, limit, offset)
     return DocumentPage(
