@@ -107,13 +107,13 @@ class QueryService:
     async def _stream(self, opened: _Opened) -> AsyncIterator[Event]:
         if opened.cached is not None:
             hit = opened.cached
-            yield Event("sources", {"sources": [asdict(s) for s in hit.sources]})
+            yield Event("sources", {"sources": hit.sources})
             yield Event("token", {"text": hit.answer})
             yield Event("done", _done(hit))
             return
         completion = opened.completion
         assert completion is not None
-        yield Event("sources", {"sources": [asdict(s) for s in completion.sources]})
+        yield Event("sources", {"sources": completion.sources})
         parts: list[str] = []
         try:
             async for delta in completion.deltas:

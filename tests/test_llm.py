@@ -64,7 +64,7 @@ def test_stream_events_arrive_in_order(make_client, llm_server, redis_server):
         names = [name for name, _ in events]
         assert names[0] == "sources" and names[-1] == "done"
         assert set(names[1:-1]) == {"token"} and len(names) > 3
-        assert events[0][1]["sources"][0]["source"] == "freeze.txt"
+        assert events[0][1]["sources"][0]["document"] == "freeze.txt"
         done = events[-1][1]
         assert done["cached"] is False and done["generator"] == "openai"
         assert done["usage"]["completion_tokens"] == len(names) - 2

@@ -11,6 +11,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.answer import Event
 from api.deps import ServicesDep
 from api.schemas import QueryRequest, QueryResponse, Source
+from api.store import Hit
 
 router = APIRouter(tags=["query"])
 
@@ -30,10 +31,13 @@ _STREAM_DOC = {
 
 async def _sse(events: AsyncIterator[Event]) -> AsyncIterator[ServerSentEvent]:
     async for event in events:
-        yield ServerSentEvent(data=json.dumps(event.data), event=event.name)
+        data = event.data
+        if event.name == "sources":  # the same shape as `sources` in a JSON answer
+            data = {"sources": [_source(h).model_dump() for h in data["sources"]]}
+        yield ServerSentEvent(data=json.dumps(data), event=event.name)
 
 
-def _source(hit: Any) -> Source:
+def _source(hit: Hit) -> Source:
     return Source(
         document=hit.source,
         content=hit.content,
