@@ -113,7 +113,7 @@ class Embedder:
     """One per process: the session is thread-safe and holds the weights once."""
 
     def __init__(
-        self, model_dir: Path, precision: Precision = "int8", threads: int = 1, batch_size: int = 32
+        self, model_dir: Path, precision: Precision = "int8", threads: int = 1, batch_size: int = 1
     ) -> None:
         path = model_path(model_dir)
         # Vectors of different precisions must not be mixed in one store: the id says which.

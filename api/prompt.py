@@ -62,28 +62,43 @@ def build_prompt(
     """Sources go in by rank; the first that does not fit is cut to the space left, the
     rest are left out, so the [n] the model sees match the sources returned."""
     question_part = f"Question: {question}"
-    used_tokens = count(SYSTEM) + count(question_part) + TEMPLATE_TOKENS
-    budget = context_tokens - max_tokens - used_tokens
+    limit = context_tokens - max_tokens - TEMPLATE_TOKENS - count(SYSTEM)
+    # Parts are counted one by one (fast); each join may cost a token more than its parts.
+    budget = limit - count("Sources:\n\n\n\n" + question_part) - 1
     blocks: list[str] = []
     kept: list[Hit] = []
     for hit in sources:
         header = f"[{len(kept) + 1}] ({hit.source})\n"
-        cost = count(header + hit.content) + 2
-        if cost <= budget:
-            blocks.append(header + hit.content)
-        else:
+        block = header + hit.content
+        cost = count(block) + 2
+        if cost > budget:
             room = budget - count(header) - 2
             if room < MIN_SOURCE_TOKENS:
                 break
-            blocks.append(header + _cut(hit.content, room, count))
+            block = header + _cut(hit.content, room, count)
             cost = budget
+        blocks.append(block)
         kept.append(hit)
         budget -= cost
-        used_tokens += cost
-    user = (
-        "Sources:\n\n" + "\n\n".join(blocks) + "\n\n" + question_part
-        if blocks
-        else f"There are no sources for this question.\n\n{question_part}"
-    )
+    user = _render(blocks, question_part)
+    # One exact count of the whole; in the rare case the parts undercounted, shorten the
+    # last source by the difference.
+    while blocks and (over := count(user) - limit) > 0:
+        header, _, text = blocks[-1].partition("\n")
+        shorter = _cut(text, max(count(text) - over - 2, 0), count)
+        if count(shorter) < MIN_SOURCE_TOKENS:
+            blocks.pop()
+            kept.pop()
+        else:
+            blocks[-1] = f"{header}\n{shorter}"
+        user = _render(blocks, question_part)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-    return Prompt(messages=messages, sources=kept, tokens=used_tokens)
+    return Prompt(
+        messages=messages, sources=kept, tokens=count(SYSTEM) + count(user) + TEMPLATE_TOKENS
+    )
+
+
+def _render(blocks: list[str], question_part: str) -> str:
+    if not blocks:
+        return f"There are no sources for this question.\n\n{question_part}"
+    return "Sources:\n\n" + "\n\n".join(blocks) + "\n\n" + question_part
