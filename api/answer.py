@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import structlog
 from fastapi.concurrency import run_in_threadpool
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
+from api import telemetry
 from api.cache import Cache, answer_key, embedding_key, normalize_question
 from api.embeddings import Embedder, Vectors
 from api.generation import Completion, Generator, GeneratorUnavailable, Usage
 from api.store import Hit, VectorStore
+from api.telemetry import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -69,15 +73,27 @@ class QueryService:
     def embed_question(self, question: str) -> Vectors:
         text = normalize_question(question)
         key = embedding_key(self._embedder.model_id, text)
-        if self._cache is not None and (hit := self._cache.get_embedding(key)) is not None:
-            return hit
-        vector = self._embedder.embed_one(text)
+        if self._cache is not None:
+            hit = self._cache.get_embedding(key)
+            telemetry.count(
+                metrics.CACHE_REQUESTS, layer="embedding", result="miss" if hit is None else "hit"
+            )
+            if hit is not None:
+                return hit
+        with telemetry.stage("embed", metrics.EMBED_DURATION, {"kind": "query"}):
+            vector = self._embedder.embed_one(text)
         if self._cache is not None:
             self._cache.put_embedding(key, vector)
         return vector
 
     def retrieve(self, question: str, max_sources: int) -> list[Hit]:
-        return self._store.search(self.embed_question(question), max_sources)
+        vector = self.embed_question(question)
+        with telemetry.stage(
+            "retrieve", metrics.RETRIEVE_DURATION, attributes={"rag.top_k": max_sources}
+        ) as span:
+            hits = self._store.search(vector, max_sources)
+            span.set_attribute("rag.chunks_returned", len(hits))
+        return hits
 
     # --- answering
     async def answer(self, question: str, max_sources: int, temperature: float) -> Answer:
@@ -92,7 +108,7 @@ class QueryService:
                 raise
             log.warning("generation failed mid-answer, answering extractively")
             sources = opened.completion.sources
-            opened.completion = await self._fallback.start(question, sources, temperature)
+            opened.completion = await _start(self._fallback, question, sources, temperature)
             text = await _collect(opened.completion)
         return await self._finish(opened, text)
 
@@ -121,6 +137,7 @@ class QueryService:
                 yield Event("token", {"text": delta})
         except GeneratorUnavailable as exc:
             log.warning("generation failed mid-stream", error=str(exc))
+            telemetry.count(metrics.ERRORS, type="llm_stream")
             yield Event("error", {"detail": str(exc)})
             return
         finally:
@@ -143,16 +160,23 @@ class QueryService:
                 }
                 key = answer_key(generation, question, params)
                 cached = await run_in_threadpool(self._cache.get_answer, key)
-                if (hit := _from_cache(cached, started)) is not None:
+                hit = _from_cache(cached, started)
+                telemetry.count(
+                    metrics.CACHE_REQUESTS, layer="answer", result="miss" if hit is None else "hit"
+                )
+                if hit is not None:
+                    telemetry.note(cached=True)
                     return _Opened(started, key, cached=hit)
+        telemetry.note(cached=False)
         sources = await run_in_threadpool(self.retrieve, question, max_sources)
         try:
-            completion = await self._generator.start(question, sources, temperature)
+            completion = await _start(self._generator, question, sources, temperature)
         except GeneratorUnavailable as exc:
             if self._fallback is None:
                 raise
             log.warning("generator unavailable, answering extractively", error=str(exc))
-            completion = await self._fallback.start(question, sources, temperature)
+            completion = await _start(self._fallback, question, sources, temperature)
+        telemetry.note(generator=completion.generator)
         return _Opened(started, key, completion=completion)
 
     async def _finish(self, opened: _Opened, text: str) -> Answer:
@@ -186,6 +210,72 @@ class QueryService:
                 completion_tokens=answer.usage.completion_tokens,
             )
         return answer
+
+
+async def _start(
+    generator: Generator, question: str, sources: list[Hit], temperature: float
+) -> Completion:
+    """Start a generation inside a `generate` span (the LLM request becomes its child) and
+    time it: first text, whole answer, tokens."""
+    started = time.perf_counter()
+    span = telemetry.tracer.start_span(
+        "generate",
+        attributes={
+            "rag.generator": generator.id,
+            "rag.sources": len(sources),
+            "rag.temperature": temperature,
+        },
+    )
+    try:
+        with trace.use_span(span, end_on_exit=False):
+            completion = await generator.start(question, sources, temperature)
+    except BaseException as exc:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, str(exc)))
+        span.end()
+        raise
+    ended = False
+
+    def end(error: BaseException | None = None) -> None:
+        nonlocal ended
+        if ended:
+            return
+        ended = True
+        telemetry.observe(
+            metrics.GENERATE_DURATION, time.perf_counter() - started, generator=completion.generator
+        )
+        if (usage := completion.usage) is not None:
+            span.set_attribute("rag.prompt_tokens", usage.prompt_tokens)
+            span.set_attribute("rag.completion_tokens", usage.completion_tokens)
+            telemetry.count(metrics.LLM_TOKENS, usage.prompt_tokens, kind="prompt")
+            telemetry.count(metrics.LLM_TOKENS, usage.completion_tokens, kind="completion")
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        span.end()
+
+    async def deltas() -> AsyncIterator[str]:
+        first = True
+        try:
+            async for delta in completion.deltas:
+                if first:
+                    first = False
+                    telemetry.observe(
+                        metrics.TIME_TO_FIRST_TOKEN,
+                        time.perf_counter() - started,
+                        generator=completion.generator,
+                    )
+                yield delta
+        except GeneratorUnavailable as exc:
+            end(exc)
+            raise
+        end()
+
+    async def close() -> None:
+        await completion.close()
+        end()
+
+    return replace(completion, deltas=deltas(), close=close)
 
 
 def _from_cache(record: dict[str, Any] | None, started: float) -> Answer | None:

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     timeout_seconds: int = Field(120, ge=1, description="gunicorn worker timeout")
     log_level: str = "info"
     log_format: Literal["json", "console"] = "json"
+    access_log: bool = True
+    metrics_enabled: bool = True
 
     # --- storage
     data_dir: Path = Path("data")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
+from typing import Any
 
 from api.config import get_settings
+from api.telemetry.logs import gunicorn_logconfig
 
 _settings = get_settings()
 
@@ -20,7 +25,28 @@ worker_class = "uvicorn_worker.UvicornWorker"
 timeout = _settings.timeout_seconds
 graceful_timeout = 30
 keepalive = 5
-# Each worker loads its own model after the fork: onnxruntime thread pools do not survive fork.
+# Heartbeat files on tmpfs: the root filesystem may be read-only, and a slow disk would
+# make gunicorn think its workers hang.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# Each worker builds the app (model, tracer, exporters) after the fork: onnxruntime's
+# thread pools and OpenTelemetry's batch processor do not survive a fork.
 preload_app = False
-accesslog = None
+accesslog = None  # the app writes its own access log, inside the request's trace
 loglevel = _settings.log_level
+logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format)
+
+
+def on_starting(server: Any) -> None:
+    """Samples from an earlier run would be added to this run's counters: start empty."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's live gauges (RSS, CPU, active requests) and exemplars must go."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from api.telemetry.metrics import forget_worker
+
+        forget_worker(worker.pid)

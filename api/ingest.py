@@ -15,12 +15,14 @@ from typing import Any, Literal
 
 import structlog
 
+from api import telemetry
 from api.cache import Cache
 from api.chunking import chunk_text
 from api.config import Settings
 from api.embeddings import Embedder, Vectors
 from api.loaders import SUPPORTED_SUFFIXES, UnreadableDocument, load_file
 from api.store import StoredDocument, VectorStore
+from api.telemetry import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -111,6 +113,7 @@ class Ingestor:
         for position, new in enumerate(documents):
             text = clean_text(new.text)
             if not text:
+                telemetry.count(metrics.INGESTED, result="rejected")
                 raise EmptyDocument(f"document {position} ({new.source}) has no text")
             doc_id = document_id(text)
             if doc_id in prepared:
@@ -141,13 +144,25 @@ class Ingestor:
                 chars=len(text),
                 metadata=dict(new.metadata),
             )
-            prepared[doc_id] = _Prepared(doc, text, chunks, self._embedder.embed(chunks))
+            with telemetry.stage(
+                "embed", metrics.EMBED_DURATION, {"kind": "document"}, {"rag.chunks": len(chunks)}
+            ):
+                vectors = self._embedder.embed(chunks)
+            prepared[doc_id] = _Prepared(doc, text, chunks, vectors)
             results.append(IngestResult(doc_id, new.source, title, len(chunks), "created"))
+        unchanged = len(results) - len(prepared)
+        telemetry.count(metrics.INGESTED, unchanged, result="unchanged")
         if not prepared:
             return results
         try:
             for item in prepared.values():
-                self._store.write_document(item.doc, item.text, item.chunks, item.vectors)
+                try:
+                    self._store.write_document(item.doc, item.text, item.chunks, item.vectors)
+                except Exception:
+                    telemetry.count(metrics.INGESTED, result="failed")
+                    raise
+                telemetry.count(metrics.INGESTED, result="created")
+                telemetry.count(metrics.INGESTED_CHUNKS, len(item.chunks))
                 log.info(
                     "document ingested",
                     doc_id=item.doc.id,

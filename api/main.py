@@ -2,32 +2,38 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import __version__
+from api import __version__, telemetry
 from api.config import Settings, get_settings
 from api.embeddings import Embedder
 from api.generation import GeneratorUnavailable
 from api.ingest import DocumentsDirMissing, EmptyDocument
 from api.loaders import UnreadableDocument, UnsupportedFileType
-from api.middleware import BodySizeLimit
+from api.middleware import BodySizeLimit, RequestTelemetry
 from api.routers import documents, health, query
+from api.routers import metrics as metrics_router
 from api.services import Services
 from api.store import EmbeddingModelMismatch, StoreUnavailable
-from api.telemetry import configure_logging
+from api.telemetry import configure_logging, metrics
 
 log = structlog.get_logger(__name__)
 
 
-def _error(status: int):  # type: ignore[no-untyped-def]
+def _error(status: int, kind: str):  # type: ignore[no-untyped-def]
     async def handler(request: Request, exc: Exception) -> JSONResponse:
+        telemetry.count(metrics.ERRORS, type=kind)
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
     return handler
@@ -37,47 +43,95 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's own handler echoes the offending input, which may not even be JSON
     (NaN, lone surrogates); the type, location and message are what a client needs."""
     assert isinstance(exc, RequestValidationError)
+    telemetry.count(metrics.ERRORS, type="validation")
     errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
     return JSONResponse({"detail": errors}, status_code=422)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    telemetry.count(metrics.ERRORS, type=f"http_{exc.status_code}")
+    return await http_exception_handler(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    telemetry.count(metrics.ERRORS, type="internal")
     log.exception("unhandled error", path=request.url.path)
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
+_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (UnsupportedFileType, 415, "unsupported_file_type"),
+    (UnreadableDocument, 422, "unreadable_document"),
+    (EmptyDocument, 422, "empty_document"),
+    (DocumentsDirMissing, 409, "documents_dir_missing"),
+    (StoreUnavailable, 503, "store_unavailable"),
+    (EmbeddingModelMismatch, 503, "embedding_model_mismatch"),
+    (GeneratorUnavailable, 503, "llm_unavailable"),
+]
+
+
 def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> FastAPI:
+    """Called in each worker after gunicorn forks (preload is off), so the tracer's
+    threads and connections belong to the process that uses them."""
     settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    telemetry.enable_metrics(settings.metrics_enabled)
+    provider = telemetry.setup_tracing()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level, settings.log_format)
         services = await run_in_threadpool(Services.start, settings, embedder)
         app.state.services = services
         await run_in_threadpool(services.prepare_store)
+        if settings.metrics_enabled:
+            metrics.BUILD_INFO.labels(
+                __version__,
+                platform.python_version(),
+                services.embedder.model_id,
+                services.generator.id,
+            ).set(1)
+            metrics.start_background()
         log.info(
             "ready to serve",
             store=services.store.location,
             cache="redis" if services.cache else "off",
             model=services.embedder.model_id,
+            generator=services.generator.id,
+            tracing="off"
+            if provider is None
+            else "exporting"
+            if telemetry.traces.exporting()
+            else "local",
         )
         try:
             yield
         finally:
             await services.aclose()
+            telemetry.shutdown_tracing()
 
     app = FastAPI(title="RAG API", version=__version__, lifespan=lifespan)
     app.include_router(health.router)
     app.include_router(documents.router)
     app.include_router(query.router)
+    app.include_router(metrics_router.router)
     app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(UnsupportedFileType, _error(415))
-    app.add_exception_handler(UnreadableDocument, _error(422))
-    app.add_exception_handler(EmptyDocument, _error(422))
-    app.add_exception_handler(DocumentsDirMissing, _error(409))
-    app.add_exception_handler(StoreUnavailable, _error(503))
-    app.add_exception_handler(EmbeddingModelMismatch, _error(503))
-    app.add_exception_handler(GeneratorUnavailable, _error(503))
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for error, status, kind in _ERRORS:
+        app.add_exception_handler(error, _error(status, kind))
     app.add_exception_handler(Exception, _unexpected)
+    # Added last runs first: telemetry wraps the body limit, so a 413 is counted and logged.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestTelemetry, access_log_on=settings.access_log, metrics_on=settings.metrics_enabled
+    )
+    if provider is not None:
+        # The server span is outermost; receive/send spans per ASGI message would cost more
+        # than they tell. Probes and scrapes are not traced.
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=provider,
+            exclude_spans=["receive", "send"],
+            excluded_urls="/metrics,/health,/ready",
+        )
     return app

@@ -1,11 +1,90 @@
-"""ASGI middleware."""
+"""ASGI middleware: request telemetry, and the request body limit.
+
+Plain ASGI rather than BaseHTTPMiddleware: no extra task per request, and streaming
+responses pass through untouched.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import time
+import uuid
 
+import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import telemetry
+from api.telemetry import metrics
+
+access_log = structlog.get_logger("api.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNTRACKED = frozenset({"/metrics"})
+
+
+class RequestTelemetry:
+    """Per request: the request id (from X-Request-ID or new, echoed back), the RED
+    metrics labelled by route template, and one access log line. It runs inside the
+    OpenTelemetry server span, so the log line and the exemplar carry its trace id."""
+
+    def __init__(self, app: ASGIApp, access_log_on: bool = True, metrics_on: bool = True) -> None:
+        self.app = app
+        self.access_log_on = access_log_on
+        self.metrics_on = metrics_on
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNTRACKED:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        method = scope["method"]
+        status = 500
+        notes: dict[str, object] = {}
+        notes_token = telemetry.request_notes.set(notes)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        if self.metrics_on:
+            metrics.HTTP_ACTIVE.labels(method).inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"  # never the raw path
+            if self.metrics_on:
+                metrics.HTTP_ACTIVE.labels(method).dec()
+                telemetry.observe(
+                    metrics.HTTP_DURATION,
+                    elapsed,
+                    http_request_method=method,
+                    http_route=template,
+                    http_response_status_code=str(status),
+                )
+            if self.access_log_on:
+                access_log.info(
+                    "request",
+                    method=method,
+                    route=template,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 2),
+                    **notes,
+                )
+            structlog.contextvars.unbind_contextvars("request_id")
+            telemetry.request_notes.reset(notes_token)
 
 
 class _TooLarge(Exception):

@@ -7,9 +7,11 @@ then the LLM; if either dies, the other is stopped and the runner exits non-zero
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
@@ -18,6 +20,7 @@ import httpx
 import structlog
 
 from api.config import Settings
+from api.telemetry.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +70,22 @@ def _wait_for_llm(process: subprocess.Popen[bytes], base_url: str) -> bool:
 
 
 def serve(settings: Settings) -> int:
+    configure_logging(settings.log_level, settings.log_format)
     env = dict(os.environ)
+    metrics_dir = None
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers share their metrics through files; tmpfs keeps that off the disk.
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        metrics_dir = tempfile.mkdtemp(prefix="rag-api-metrics-", dir=base)
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _supervise(settings, env)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(settings: Settings, env: dict[str, str]) -> int:
     children: list[subprocess.Popen[bytes]] = []
     if settings.generator == "openai" and not settings.llm_base_url:
         model = local_model_path()

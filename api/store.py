@@ -205,6 +205,10 @@ class VectorStore:
         with self._call("count") as (_, docs):
             return docs.count()
 
+    def count_chunks(self) -> int:
+        with self._call("count") as (chunks, _):
+            return chunks.count()
+
     def get_document(self, doc_id: str, with_text: bool = True) -> StoredDocument | None:
         with self._call("get") as (_, docs):
             got = docs.get(

@@ -1,0 +1,81 @@
+"""Logs, metrics and traces: set up here, recorded by the middleware and by `stage()`.
+
+Service code marks its stages (`with stage(...)`) and notes facts about the request
+(`note(cached=True)`); everything else — request ids, RED metrics, the access log, spans
+for HTTP, Redis, Chroma and the LLM — is recorded without it knowing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from opentelemetry.trace import Span
+from prometheus_client import Histogram
+
+from api.telemetry import metrics
+from api.telemetry.logs import configure_logging, gunicorn_logconfig
+from api.telemetry.traces import current_trace_id, setup_tracing, shutdown_tracing, tracer
+
+__all__ = [
+    "configure_logging",
+    "count",
+    "current_trace_id",
+    "enable_metrics",
+    "gunicorn_logconfig",
+    "metrics",
+    "note",
+    "observe",
+    "setup_tracing",
+    "shutdown_tracing",
+    "stage",
+    "tracer",
+]
+
+# Facts about the current request for its access log line, filled in by service code.
+request_notes: ContextVar[dict[str, Any] | None] = ContextVar("request_notes", default=None)
+_metrics_on = True
+
+
+def enable_metrics(on: bool) -> None:
+    global _metrics_on
+    _metrics_on = on
+
+
+def note(**fields: Any) -> None:
+    notes = request_notes.get()
+    if notes is not None:
+        notes.update(fields)
+
+
+def observe(histogram: Histogram, value: float, **labels: str) -> None:
+    """Record a duration, with the current trace as its exemplar when there is one."""
+    if not _metrics_on:
+        return
+    (histogram.labels(**labels) if labels else histogram).observe(value)
+    if (trace_id := current_trace_id()) is not None:
+        metrics.EXEMPLARS.record(histogram, labels, value, trace_id)
+
+
+def count(counter: Any, amount: float = 1, **labels: str) -> None:
+    if _metrics_on:
+        (counter.labels(**labels) if labels else counter).inc(amount)
+
+
+@contextmanager
+def stage(
+    name: str,
+    histogram: Histogram,
+    labels: dict[str, str] | None = None,
+    attributes: dict[str, Any] | None = None,
+) -> Iterator[Span]:
+    """A span named `name` and a duration in `histogram` for one step of the work."""
+    start = time.perf_counter()
+    with tracer.start_as_current_span(name, attributes=attributes) as span:
+        try:
+            yield span
+        finally:
+            observe(histogram, time.perf_counter() - start, **(labels or {}))

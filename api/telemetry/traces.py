@@ -1,0 +1,78 @@
+"""OpenTelemetry tracing, set up once per worker process after the fork.
+
+The SDK's batch processor runs a thread and the exporter holds connections: neither
+survives a fork, so this runs from the app's start-up, never at import. Configuration is
+the standard environment: OTEL_SDK_DISABLED, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER(_ARG),
+OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT (OTLP over HTTP, e.g. Jaeger on :4318).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from api import __version__
+
+_provider: TracerProvider | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
+
+
+def exporting() -> bool:
+    return enabled() and bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def setup_tracing() -> TracerProvider | None:
+    """Once per process. Without an OTLP endpoint spans are still made (logs carry their
+    ids) but go nowhere; with OTEL_SDK_DISABLED=true nothing is made at all."""
+    global _provider
+    if _provider is not None or not enabled():
+        return _provider
+    resource = Resource.create(
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", "rag-api"),
+            "service.version": __version__,
+            "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
+        }
+    )
+    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    if exporting():
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    # Redis, and every httpx client (Chroma over HTTP, the LLM), get client spans.
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    RedisInstrumentor().instrument(tracer_provider=provider)
+    HTTPXClientInstrumentor().instrument(tracer_provider=provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flush what the batch processor still holds (a worker's graceful exit)."""
+    if _provider is not None:
+        _provider.force_flush(timeout_millis=5000)
+
+
+tracer = trace.get_tracer("api")
+
+
+def current_trace_id() -> str | None:
+    """The trace id to put in an exemplar: only for sampled spans that are exported."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid and context.trace_flags.sampled and exporting():
+        return format(context.trace_id, "032x")
+    return None
