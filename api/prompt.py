@@ -35,11 +35,21 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 3 + 1
 
 
+_silence: object = None  # ctypes callbacks must outlive their registration
+
+
 def gguf_token_counter(path: Path) -> TokenCounter:
     """Exact counts from the served model's own vocabulary (vocab only: a few MB)."""
-    from llama_cpp import Llama
+    import ctypes
 
-    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    import llama_cpp
+
+    # llama.cpp writes its notes straight to stderr (past `verbose=False`), which would
+    # break one-JSON-object-per-line logs. Only the vocabulary is used here: silence it.
+    global _silence
+    _silence = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(_silence, ctypes.c_void_p(0))
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     return lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=False))
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -13,6 +14,10 @@ from api.config import Settings
 from api.embeddings import Embedder
 from api.main import create_app
 from tests.servers import ROOT, ChromaServer, LlamaServer, RedisServer
+
+# Tracing patches httpx and redis process-wide: in-process test apps must not do that to
+# the test runner's own clients. Tests of tracing run the server as a subprocess.
+os.environ["OTEL_SDK_DISABLED"] = "true"
 
 MODEL_DIR = ROOT / "models"
 CORPUS_DIR = ROOT / "documents"

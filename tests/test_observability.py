@@ -1,0 +1,270 @@
+"""Metrics, traces and logs of a real gunicorn with two workers, exported to a real OTLP
+receiver, with a real Chroma server, Redis and llama.cpp behind it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
+
+from tests.conftest import CORPUS_DIR, MODEL_DIR
+from tests.otlp import OtlpReceiver
+from tests.servers import ROOT, Process, RedisServer, free_port, wait_until
+
+SERVER, CLIENT = 2, 3  # OTLP span kinds
+
+
+@dataclass
+class Stack:
+    base: str
+    process: Process
+    otlp: OtlpReceiver
+
+    def workers(self) -> set[int]:
+        """The gunicorn workers: children of the master, itself the runner's child."""
+        assert self.process.proc is not None
+        masters = _children(self.process.proc.pid)
+        return {pid for master in masters for pid in _children(master)}
+
+    def metrics(self, openmetrics: bool = False) -> dict[str, list]:
+        accept = "application/openmetrics-text" if openmetrics else "text/plain"
+        text = httpx.get(f"{self.base}/metrics", headers={"accept": accept}).text
+        parse = parse_openmetrics if openmetrics else parse_prometheus
+        return {family.name: family.samples for family in parse(text)}
+
+    def log_lines(self) -> list[str]:
+        return [line for line in self.process.output().splitlines() if line.strip()]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, chroma_server, llm_server) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("observed")
+    redis_server = RedisServer(tmp / "redis")
+    redis_server.start()
+    otlp = OtlpReceiver()
+    otlp.start()
+    port = free_port()
+    env = {
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "2",
+        "DATA_DIR": str(tmp / "data"),
+        "MODEL_DIR": str(MODEL_DIR),
+        "CHROMA_HOST": "127.0.0.1",
+        "CHROMA_PORT": str(chroma_server.port),
+        "CHROMA_COLLECTION_PREFIX": "observed",
+        "REDIS_URL": redis_server.url,
+        "INGEST_ON_START": "false",
+        "LOG_FORMAT": "json",
+        "LLM_BASE_URL": llm_server.base_url,
+        "LLM_GGUF": str(llm_server.model),
+        "LLM_MAX_TOKENS": "16",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SERVICE_NAME": "rag-api-test",
+        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_SDK_DISABLED": "false",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    process = Process([sys.executable, "-m", "api", "serve"], tmp / "api.log", env=env, cwd=ROOT)
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    process.start()
+    base = f"http://127.0.0.1:{port}"
+    stack = Stack(base, process, otlp)
+    try:
+        wait_until(lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 120, "api")
+        # Both workers up and reporting before any test counts on them.
+        wait_until(
+            lambda: len(stack.metrics().get("rag_worker_resident_memory_bytes", [])) == 2,
+            60,
+            "two workers",
+        )
+        files = [
+            ("files", (p.name, p.read_bytes(), "text/markdown"))
+            for p in sorted(CORPUS_DIR.glob("*.md"))
+        ]
+        assert httpx.post(f"{base}/documents", files=files, timeout=120).status_code == 200
+        yield stack
+    finally:
+        process.stop()
+        otlp.stop()
+        redis_server.stop()
+
+
+def _value(samples: list, name: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_counters_add_up_exactly_across_workers(stack: Stack) -> None:
+    before = stack.metrics()["http_server_request_duration_seconds"]
+    n = 40
+    for i in range(n):  # a new connection each time, so both workers take requests
+        body = {"question": "What happens when Redis is down?" if i % 2 else "Who is on call?"}
+        assert httpx.post(f"{stack.base}/query", json=body, timeout=60).status_code == 200
+    families = stack.metrics()
+    after = families["http_server_request_duration_seconds"]
+    labels = {
+        "http_route": "/query",
+        "http_request_method": "POST",
+        "http_response_status_code": "200",
+    }
+    count = "http_server_request_duration_seconds_count"
+    assert _value(after, count, **labels) - _value(before, count, **labels) == n
+    # Buckets rise to +Inf, which equals the count; the sum is plausible.
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for s in after
+        if s.name.endswith("_bucket") and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
+    assert buckets[-1] == (float("inf"), _value(after, count, **labels))
+    total = _value(after, "http_server_request_duration_seconds_sum", **labels)
+    assert 0 < total < 60 * buckets[-1][1]
+    # /metrics itself is not counted; routes are templates, never raw paths.
+    routes = {s.labels["http_route"] for s in after}
+    assert "/metrics" not in routes and routes <= {
+        "/query",
+        "/documents",
+        "/ready",
+        "/health",
+        "/documents/{doc_id}",
+    }
+    cache = families["rag_cache_requests"]
+    assert _value(cache, "rag_cache_requests_total", layer="answer", result="hit") >= n - 2
+    assert _value(families["rag_store_documents"], "rag_store_documents") == 10
+    assert _value(families["rag_build_info"], "rag_build_info") == 1
+
+
+def test_worker_process_metrics_follow_the_live_workers(stack: Stack) -> None:
+    def reported() -> set[int]:
+        return {
+            int(s.labels["pid"])
+            for s in stack.metrics().get("rag_worker_resident_memory_bytes", [])
+        }
+
+    workers = stack.workers()
+    assert len(workers) == 2 and reported() == workers
+    rss = stack.metrics()["rag_worker_resident_memory_bytes"]
+    assert all(100e6 < s.value < 4e9 for s in rss)  # a model-holding worker, in bytes
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    # gunicorn replaces the worker; the dead one's series must go, the new one's appear.
+    wait_until(
+        lambda: (
+            len(stack.workers()) == 2
+            and victim not in stack.workers()
+            and reported() == stack.workers()
+        ),
+        90,
+        "replacement worker reported",
+    )
+    assert victim not in reported()
+
+
+def test_one_query_is_one_trace_continuing_the_callers(stack: Stack) -> None:
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    request_id = "test-" + secrets.token_hex(6)
+    response = httpx.post(
+        f"{stack.base}/query",
+        json={"question": "How do I restore a backup, step by step?"},
+        headers={"traceparent": f"00-{trace_id}-{parent}-01", "x-request-id": request_id},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.json()["cached"] is False
+    assert response.headers["x-request-id"] == request_id
+
+    names = {"embed", "retrieve", "generate"}
+    stack.otlp.wait_for(
+        lambda: (
+            names <= {s.name for s in stack.otlp.trace(trace_id)}
+            and any(s.kind == SERVER for s in stack.otlp.trace(trace_id))
+        )
+    )
+    time.sleep(0.5)  # late client spans of the same batch
+    spans = stack.otlp.trace(trace_id)
+    servers = [s for s in spans if s.kind == SERVER]
+    assert len(servers) == 1
+    server = servers[0]
+    assert server.parent_id == parent and server.service == "rag-api-test"
+    assert server.name == "POST /query"
+    by_name = {s.name: s for s in spans}
+    for name in names:
+        assert by_name[name].parent_id == server.span_id, name
+    assert by_name["retrieve"].attributes["rag.top_k"] == 3
+    assert by_name["retrieve"].attributes["rag.chunks_returned"] == 3
+    assert int(str(by_name["generate"].attributes["rag.completion_tokens"])) > 0
+    redis_spans = [
+        s
+        for s in spans
+        if s.attributes.get("db.system") == "redis" or s.attributes.get("db.system.name") == "redis"
+    ]
+    assert redis_spans and all(s.parent_id == server.span_id for s in redis_spans)
+    # The LLM request is a client span under `generate`; Chroma's HTTP calls are clients too.
+    clients = [s for s in spans if s.kind == CLIENT and s not in redis_spans]
+    assert any(s.parent_id == by_name["generate"].span_id for s in clients)
+    assert any(s.parent_id == by_name["retrieve"].span_id for s in clients)
+
+    # The access log line of that request, in JSON, carries the same ids.
+    records = [json.loads(line) for line in stack.log_lines()]
+    access = [
+        r for r in records if r.get("event") == "request" and r.get("request_id") == request_id
+    ]
+    assert len(access) == 1
+    line = access[0]
+    assert line["trace_id"] == trace_id and line["route"] == "/query" and line["status"] == 200
+    assert line["cached"] is False and line["level"] == "info" and "timestamp" in line
+    assert "span_id" in line and "duration_ms" in line
+
+
+def test_every_log_line_is_json(stack: Stack) -> None:
+    lines = stack.log_lines()
+    assert len(lines) > 20
+    for line in lines:
+        record = json.loads(line)
+        assert {"event", "level", "timestamp"} <= set(record), line
+
+
+def test_exemplars_link_to_exported_traces_whichever_worker_answers(stack: Stack) -> None:
+    for i in range(10):
+        httpx.post(f"{stack.base}/query", json={"question": f"exemplar question {i}?"}, timeout=60)
+    time.sleep(1.5)  # workers flush their exemplars every second
+
+    def exemplars() -> set[str]:
+        samples = stack.metrics(openmetrics=True)["http_server_request_duration_seconds"]
+        return {s.exemplar.labels["trace_id"] for s in samples if s.exemplar is not None}
+
+    seen = [exemplars() for _ in range(6)]  # each scrape on a new connection: either worker
+    assert seen[0] and all(s == seen[0] for s in seen)
+    stack.otlp.wait_for(lambda: all(stack.otlp.trace(t) for t in seen[0]))
+    for trace_id in seen[0]:
+        assert any(s.kind == SERVER for s in stack.otlp.trace(trace_id))
