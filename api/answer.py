@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from api import telemetry
-from api.cache import Cache, answer_key, embedding_key, normalize_question
+from api.cache import Cache, answer_digest, answer_key, embedding_key, normalize_question
 from api.embeddings import Embedder, Vectors
 from api.generation import Completion, Generator, GeneratorUnavailable, Usage
 from api.store import Hit, VectorStore
@@ -150,17 +150,18 @@ class QueryService:
         started = time.perf_counter()
         key = None
         if self._cache is not None:
-            generation = await run_in_threadpool(self._cache.generation)
-            if generation is not None:
-                params = {
-                    "max_sources": max_sources,
-                    "temperature": temperature,
-                    "embedder": self._embedder.model_id,
-                    "generator": self._generator.id,
-                }
-                key = answer_key(generation, question, params)
-                cached = await run_in_threadpool(self._cache.get_answer, key)
-                hit = _from_cache(cached, started)
+            params = {
+                "max_sources": max_sources,
+                "temperature": temperature,
+                "embedder": self._embedder.model_id,
+                "generator": self._generator.id,
+            }
+            digest = answer_digest(question, params)
+            found = await run_in_threadpool(self._cache.lookup_answer, digest)
+            if found is not None:
+                generation, record = found
+                key = answer_key(generation, digest)
+                hit = _from_cache(record, started)
                 telemetry.count(
                     metrics.CACHE_REQUESTS, layer="answer", result="miss" if hit is None else "hit"
                 )

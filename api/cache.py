@@ -14,17 +14,21 @@ import json
 import threading
 import unicodedata
 import uuid
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import redis
 import structlog
+from opentelemetry.trace import Span, SpanKind
 
+from api import telemetry
 from api.embeddings import Vectors
 
 log = structlog.get_logger(__name__)
 
 GENERATION_KEY = "rag:corpus:generation"
+ANSWER_PREFIX = "rag:answer:"
 
 
 def normalize_question(question: str) -> str:
@@ -33,9 +37,25 @@ def normalize_question(question: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", question).casefold().split())
 
 
-def answer_key(generation: str, question: str, params: dict[str, Any]) -> str:
+def answer_digest(question: str, params: dict[str, Any]) -> str:
     blob = json.dumps([normalize_question(question), params], sort_keys=True)
-    return f"rag:answer:{generation}:{hashlib.sha256(blob.encode()).hexdigest()}"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def answer_key(generation: str, digest: str) -> str:
+    return f"{ANSWER_PREFIX}{generation}:{digest}"
+
+
+# One round trip for the cached path: read (or create) the generation and the answer
+# stored under it. Redis runs scripts atomically, and redis-py sends EVALSHA.
+_LOOKUP = """
+local generation = redis.call('GET', KEYS[1])
+if not generation then
+  redis.call('SET', KEYS[1], ARGV[2], 'NX')
+  generation = redis.call('GET', KEYS[1])
+end
+return {generation, redis.call('GET', ARGV[3] .. generation .. ':' .. ARGV[1])}
+"""
 
 
 def embedding_key(model_id: str, question: str) -> str:
@@ -53,6 +73,13 @@ class Cache:
             socket_connect_timeout=timeout_seconds,
             health_check_interval=30,
         )
+        self._lookup = self._redis.register_script(_LOOKUP)
+        pool = self._redis.connection_pool.connection_kwargs
+        self._span_attributes: dict[str, str | int] = {
+            "db.system.name": "redis",
+            "server.address": str(pool.get("host", "")),
+            "server.port": int(pool.get("port", 6379)),
+        }
         self._ttl = ttl_seconds
         self._retry = retry_seconds
         self._up = True
@@ -84,44 +111,42 @@ class Cache:
         self._redis.close()
 
     # --- the public operations; each degrades to "no cache" instead of raising
-    def generation(self) -> str | None:
-        def op() -> str:
-            current = self._redis.get(GENERATION_KEY)
-            if current is None:
-                # First user of a fresh Redis: only one writer may set it.
-                self._redis.set(GENERATION_KEY, uuid.uuid4().hex, nx=True)
-                current = self._redis.get(GENERATION_KEY)
-            return current.decode() if isinstance(current, bytes) else str(current)
-
-        generation: str | None = self._guarded(op)
-        return generation
+    def lookup_answer(self, digest: str) -> tuple[str, dict[str, Any] | None] | None:
+        """(corpus generation, the answer cached under it or None); None if Redis is away."""
+        found = self._guarded(
+            "EVALSHA",
+            lambda: self._lookup(
+                keys=[GENERATION_KEY], args=[digest, uuid.uuid4().hex, ANSWER_PREFIX]
+            ),
+        )
+        if found is None:
+            return None
+        generation, raw = found
+        try:
+            return generation.decode(), json.loads(raw) if raw else None
+        except ValueError:  # written by another version: a miss, not an error
+            return generation.decode(), None
 
     def bump_generation(self) -> None:
         """Tried even while the cache is switched off: a change other workers do not hear
         of lets them serve stale answers. If it fails, the probe retries it."""
         try:
-            self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+            with self._span("SET"):
+                self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
         except redis.RedisError as exc:
             self._pending_bump = True
             self._went_down(exc)
 
-    def get_answer(self, key: str) -> dict[str, Any] | None:
-        raw = self._guarded(lambda: self._redis.get(key))
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:  # written by another version: a miss, not an error
-            return None
-
     def put_answer(self, key: str, value: dict[str, Any]) -> None:
-        self._guarded(lambda: self._redis.set(key, json.dumps(value), ex=self._ttl))
+        self._guarded("SET", lambda: self._redis.set(key, json.dumps(value), ex=self._ttl))
 
     def get_embedding(self, key: str) -> Vectors | None:
-        raw = self._guarded(lambda: self._redis.get(key))
+        raw = self._guarded("GET", lambda: self._redis.get(key))
         return np.frombuffer(raw, dtype=np.float32).copy() if raw else None
 
     def put_embedding(self, key: str, vector: Vectors) -> None:
         data = np.asarray(vector, dtype=np.float32).tobytes()
-        self._guarded(lambda: self._redis.set(key, data, ex=self._ttl))
+        self._guarded("SET", lambda: self._redis.set(key, data, ex=self._ttl))
 
     def ping(self) -> bool:
         """Used by /ready: a real round trip even while the cache is switched off."""
@@ -131,11 +156,22 @@ class Cache:
             return False
 
     # --- failure handling
-    def _guarded(self, op: Any) -> Any:
+    def _span(self, operation: str) -> AbstractContextManager[Span]:
+        """A client span per Redis call. Made here rather than by opentelemetry's redis
+        instrumentation, which sets seven attributes per call and cost 75 µs of a ~800 µs
+        cached answer (docs/BENCHMARKS.md); these four are what a trace needs."""
+        return telemetry.tracer.start_as_current_span(
+            f"redis {operation}",
+            kind=SpanKind.CLIENT,
+            attributes={**self._span_attributes, "db.operation.name": operation},
+        )
+
+    def _guarded(self, operation: str, op: Any) -> Any:
         if not self._up:
             return None
         try:
-            return op()
+            with self._span(operation):
+                return op()
         except redis.RedisError as exc:
             self._went_down(exc)
             return None

@@ -12,7 +12,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__, telemetry
@@ -110,7 +109,13 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
             await services.aclose()
             telemetry.shutdown_tracing()
 
-    app = FastAPI(title="RAG API", version=__version__, lifespan=lifespan)
+    # The server span comes from RequestTelemetry; FastAPI's own telemetry stays off.
+    app = FastAPI(
+        title="RAG API",
+        version=__version__,
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+    )
     app.include_router(health.router)
     app.include_router(documents.router)
     app.include_router(query.router)
@@ -123,15 +128,9 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     # Added last runs first: telemetry wraps the body limit, so a 413 is counted and logged.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(
-        RequestTelemetry, access_log_on=settings.access_log, metrics_on=settings.metrics_enabled
+        RequestTelemetry,
+        access_log_on=settings.access_log,
+        metrics_on=settings.metrics_enabled,
+        tracing_on=provider is not None,
     )
-    if provider is not None:
-        # The server span is outermost; receive/send spans per ASGI message would cost more
-        # than they tell. Probes and scrapes are not traced.
-        FastAPIInstrumentor.instrument_app(
-            app,
-            tracer_provider=provider,
-            exclude_spans=["receive", "send"],
-            excluded_urls="/metrics,/health,/ready",
-        )
     return app

@@ -13,6 +13,9 @@ import time
 import uuid
 
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import telemetry
@@ -22,25 +25,55 @@ access_log = structlog.get_logger("api.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNTRACKED = frozenset({"/metrics"})
+UNTRACED = frozenset({"/metrics", "/health", "/ready"})  # probes would drown real traces
+_PROPAGATED = [(name, name.encode()) for name in ("traceparent", "tracestate", "baggage")]
 
 
 class RequestTelemetry:
-    """Per request: the request id (from X-Request-ID or new, echoed back), the RED
-    metrics labelled by route template, and one access log line. It runs inside the
-    OpenTelemetry server span, so the log line and the exemplar carry its trace id."""
+    """Per request: the server span (continuing a W3C traceparent), the request id (from
+    X-Request-ID or new, echoed back), the RED metrics labelled by route template, and one
+    access log line written inside the span, so it and the exemplar carry the trace id.
 
-    def __init__(self, app: ASGIApp, access_log_on: bool = True, metrics_on: bool = True) -> None:
+    The span is made here rather than by an ASGI instrumentation layer: the contrib
+    FastAPIInstrumentor and FastAPI's native telemetry each cost more per request than
+    everything else this middleware does (docs/BENCHMARKS.md)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        access_log_on: bool = True,
+        metrics_on: bool = True,
+        tracing_on: bool = True,
+    ) -> None:
         self.app = app
         self.access_log_on = access_log_on
         self.metrics_on = metrics_on
+        self.tracing_on = tracing_on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNTRACKED:
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         method = scope["method"]
+        span = None
+        if self.tracing_on and scope["path"] not in UNTRACED:
+            carrier = {
+                name: headers[key].decode("latin-1") for name, key in _PROPAGATED if key in headers
+            }
+            span = telemetry.tracer.start_span(
+                method,
+                context=propagate.extract(carrier),
+                kind=SpanKind.SERVER,
+                attributes={
+                    "http.request.method": method,
+                    "url.path": scope["path"],
+                    "url.scheme": scope.get("scheme", "http"),
+                },
+            )
+            span_token = otel_context.attach(trace.set_span_in_context(span))
         status = 500
         notes: dict[str, object] = {}
         notes_token = telemetry.request_notes.set(notes)
@@ -85,6 +118,14 @@ class RequestTelemetry:
                 )
             structlog.contextvars.unbind_contextvars("request_id")
             telemetry.request_notes.reset(notes_token)
+            if span is not None:
+                span.update_name(f"{method} {template}")
+                span.set_attribute("http.route", template)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+                otel_context.detach(span_token)
 
 
 class _TooLarge(Exception):

@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import streaming
+from benchmarks import overhead, streaming
+from benchmarks.load import closed_loop
 from tests.servers import ROOT, Process, RedisServer, free_port, wait_until
 
 MODEL_DIR = ROOT / "models"
@@ -110,40 +110,6 @@ def _in_child(kind: str, batch: int) -> dict[str, float]:
     return result
 
 
-def _load(
-    base: str, make_body: Callable[[int], dict[str, object]], seconds: float, concurrency: int
-) -> tuple[float, float, int]:
-    """Closed-loop load: `concurrency` clients, each sending the next request on reply."""
-    latencies: list[float] = []
-    errors = 0
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-    counter = iter(range(10**9))
-
-    def client() -> None:
-        nonlocal errors
-        with httpx.Client(base_url=base, timeout=30) as http:
-            while time.monotonic() < stop:
-                with lock:
-                    n = next(counter)
-                start = time.perf_counter()
-                response = http.post("/query", json=make_body(n))
-                elapsed = time.perf_counter() - start
-                with lock:
-                    latencies.append(elapsed)
-                    errors += response.status_code != 200
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    p50 = statistics.median(latencies) * 1000
-    return len(latencies) / wall, p50, errors
-
-
 def query_throughput(seconds: float = 15, concurrency: int = 4) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = RedisServer(Path(tmp) / "redis")
@@ -179,13 +145,13 @@ def query_throughput(seconds: float = 15, concurrency: int = 4) -> dict[str, flo
             ingest_seconds = time.perf_counter() - start
             ingested.raise_for_status()
             chunks = sum(d["chunks"] for d in ingested.json()["documents"])
-            miss_rps, miss_p50, miss_err = _load(
+            miss_rps, miss_p50, miss_err = closed_loop(
                 base,
                 lambda n: {"question": f"How do I restore backup number {n}?"},
                 seconds,
                 concurrency,
             )
-            hit_rps, hit_p50, hit_err = _load(
+            hit_rps, hit_p50, hit_err = closed_loop(
                 base, lambda n: {"question": "How do I restore a backup?"}, seconds, concurrency
             )
         finally:
@@ -237,6 +203,8 @@ def main() -> None:
     print(f"  errors: {queries['errors']:.0f}")
     streamed = streaming.measure()
     streaming.report(streamed)
+    observed = overhead.measure()
+    overhead.report(observed)
     speedup = results["int8"]["ingest_chunks_per_s"] / base["ingest_chunks_per_s"]
     print(
         f"\ntargets: query embed <= 3 ms: {results['int8']['query_embed_ms']:.2f} ms; "
@@ -251,6 +219,7 @@ def main() -> None:
                 "threads": THREADS,
                 "runtimes": results,
                 "streaming": streamed,
+                "instrumentation_overhead": observed,
                 "query": queries,
             },
             indent=2,

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from api.cache import answer_key, embedding_key, normalize_question
+from api.cache import answer_digest, answer_key, embedding_key, normalize_question
 
 PARAMS = {"max_sources": 3, "temperature": 0.7, "embedder": "m1", "generator": "g1"}
 
@@ -11,17 +11,20 @@ def test_normalization_ignores_case_spacing_and_unicode_form():
 
 
 def test_answer_key_changes_with_generation_question_and_every_parameter():
-    base = answer_key("gen1", "What is X?", PARAMS)
-    assert answer_key("gen1", "  what is x?", dict(PARAMS)) == base
-    assert answer_key("gen2", "What is X?", PARAMS) != base
-    assert answer_key("gen1", "What is Y?", PARAMS) != base
+    def key(generation, question, params):
+        return answer_key(generation, answer_digest(question, params))
+
+    base = key("gen1", "What is X?", PARAMS)
+    assert key("gen1", "  what is x?", dict(PARAMS)) == base
+    assert key("gen2", "What is X?", PARAMS) != base
+    assert key("gen1", "What is Y?", PARAMS) != base
     for name, value in [
         ("max_sources", 4),
         ("temperature", 0.2),
         ("embedder", "m2"),
         ("generator", "g2"),
     ]:
-        assert answer_key("gen1", "What is X?", {**PARAMS, name: value}) != base
+        assert key("gen1", "What is X?", {**PARAMS, name: value}) != base
     assert base.startswith("rag:answer:gen1:")
 
 

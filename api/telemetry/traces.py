@@ -51,11 +51,10 @@ def setup_tracing() -> TracerProvider | None:
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-    # Redis, and every httpx client (Chroma over HTTP, the LLM), get client spans.
+    # Every httpx client (Chroma over HTTP, the LLM) gets client spans; Redis calls get
+    # theirs from api/cache.py.
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-    from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    RedisInstrumentor().instrument(tracer_provider=provider)
     HTTPXClientInstrumentor().instrument(tracer_provider=provider)
     _provider = provider
     return provider
