@@ -11,17 +11,15 @@ endpoint is a sink that reads and discards, standing in for a collector on anoth
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import threading
-from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 
 from benchmarks.load import closed_loop
-from tests.servers import ROOT, Process, RedisServer, free_port, wait_until
+from tests.servers import ApiServer, RedisServer
 
 QUESTION: dict[str, object] = {"question": "How do I restore a backup?"}
 
@@ -37,30 +35,16 @@ class _Sink(BaseHTTPRequestHandler):
         pass
 
 
-def _server(tmp: Path, name: str, redis_url: str, env: dict[str, str]) -> tuple[Process, str]:
-    port = free_port()
-    process = Process(
-        [sys.executable, "-m", "api", "serve"],
-        tmp / f"{name}.log",
-        cwd=ROOT,
-        env={
-            "PORT": str(port),
-            "DATA_DIR": str(tmp / name),
-            "MODEL_DIR": str(ROOT / "models"),
-            "DOCUMENTS_DIR": str(ROOT / "documents"),
-            "REDIS_URL": redis_url,
-            "GENERATOR": "extractive",
-            "CHROMA_COLLECTION_PREFIX": name,
-            "LOG_LEVEL": "info",
-            **env,
-        },
+def _server(tmp: Path, name: str, redis_url: str, env: dict[str, str]) -> ApiServer:
+    return ApiServer(
+        tmp,
+        name,
+        DATA_DIR=str(tmp / name),
+        REDIS_URL=redis_url,
+        GENERATOR="extractive",
+        LOG_LEVEL="info",
+        **env,
     )
-    process.start()
-    return process, f"http://127.0.0.1:{port}"
-
-
-def _ready(url: str) -> bool:
-    return httpx.get(f"{url}/ready").status_code == 200
 
 
 def measure(rounds: int = 3, seconds: float = 10, concurrency: int = 4) -> dict[str, float]:
@@ -70,7 +54,7 @@ def measure(rounds: int = 3, seconds: float = 10, concurrency: int = 4) -> dict[
         tmp = Path(tmp_name)
         redis_server = RedisServer(tmp / "redis")
         redis_server.start()
-        on, on_url = _server(
+        on = _server(
             tmp,
             "on",
             redis_server.url,
@@ -82,7 +66,7 @@ def measure(rounds: int = 3, seconds: float = 10, concurrency: int = 4) -> dict[
                 "ACCESS_LOG": "true",
             },
         )
-        off, off_url = _server(
+        off = _server(
             tmp,
             "off",
             redis_server.url,
@@ -90,11 +74,11 @@ def measure(rounds: int = 3, seconds: float = 10, concurrency: int = 4) -> dict[
         )
         rates: dict[str, list[float]] = {"on": [], "off": []}
         try:
-            for url in (on_url, off_url):
-                wait_until(partial(_ready, url), 180, url)
-                httpx.post(f"{url}/query", json=QUESTION, timeout=60)  # fill the cache
+            for server in (on, off):
+                server.start()
+                httpx.post(f"{server.base}/query", json=QUESTION, timeout=60)  # fill the cache
             for i in range(rounds):
-                order = [("on", on_url), ("off", off_url)]
+                order = [("on", on.base), ("off", off.base)]
                 for name, url in order if i % 2 == 0 else order[::-1]:
                     rps, _, errors = closed_loop(url, lambda n: QUESTION, seconds, concurrency)
                     assert errors == 0

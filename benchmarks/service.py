@@ -24,7 +24,7 @@ import httpx
 
 from benchmarks import overhead, streaming
 from benchmarks.load import closed_loop
-from tests.servers import ROOT, Process, RedisServer, free_port, wait_until
+from tests.servers import ROOT, ApiServer, RedisServer
 
 MODEL_DIR = ROOT / "models"
 CORPUS = ROOT / "documents"
@@ -114,27 +114,18 @@ def query_throughput(seconds: float = 15, concurrency: int = 4) -> dict[str, flo
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = RedisServer(Path(tmp) / "redis")
         redis_server.start()
-        port = free_port()
-        server = Process(
-            [sys.executable, "-m", "api", "serve"],
-            Path(tmp) / "api.log",
-            cwd=ROOT,
-            env={
-                "PORT": str(port),
-                "DATA_DIR": f"{tmp}/data",
-                "MODEL_DIR": str(MODEL_DIR),
-                "INGEST_ON_START": "false",
-                # Retrieval and cache throughput; the LLM is measured in streaming.py.
-                "GENERATOR": "extractive",
-                "REDIS_URL": redis_server.url,
-                "EMBED_THREADS": str(THREADS),
-                "LOG_LEVEL": "warning",
-            },
+        # Retrieval and cache throughput; the LLM is measured in streaming.py.
+        server = ApiServer(
+            Path(tmp),
+            INGEST_ON_START="false",
+            GENERATOR="extractive",
+            REDIS_URL=redis_server.url,
+            EMBED_THREADS=str(THREADS),
+            LOG_LEVEL="warning",
         )
-        server.start()
-        base = f"http://127.0.0.1:{port}"
+        base = server.base
         try:
-            wait_until(lambda: httpx.get(f"{base}/ready").status_code == 200, 180, "api")
+            server.start()
             # End to end: upload, parse, chunk, embed, write to Chroma, over HTTP.
             files = [
                 ("files", (p.name, p.read_bytes(), "text/markdown"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import httpx
 
 from api.prompt import build_prompt, gguf_token_counter
 from api.store import Hit
-from tests.servers import ROOT, LlamaServer, Process, free_port, wait_until
+from tests.servers import ApiServer, LlamaServer
 
 QUESTIONS = [
     "How do I restore a backup?",
@@ -114,27 +113,17 @@ def measure(rounds: int = 16) -> dict[str, float]:
         llm_server = LlamaServer(Path(tmp) / "llama")
         llm_server.start()
         count = gguf_token_counter(llm_server.model)
-        port = free_port()
-        api = Process(
-            [sys.executable, "-m", "api", "serve"],
-            Path(tmp) / "api.log",
-            cwd=ROOT,
-            env={
-                "PORT": str(port),
-                "DATA_DIR": f"{tmp}/data",
-                "MODEL_DIR": str(ROOT / "models"),
-                "DOCUMENTS_DIR": str(ROOT / "documents"),
-                "LLM_BASE_URL": llm_server.base_url,
-                "LLM_GGUF": str(llm_server.model),
-                "LLM_MAX_TOKENS": str(MAX_TOKENS),
-                "LLM_CONTEXT_TOKENS": str(CONTEXT),
-                "LOG_LEVEL": "warning",
-            },
+        api = ApiServer(
+            Path(tmp),
+            LLM_BASE_URL=llm_server.base_url,
+            LLM_GGUF=str(llm_server.model),
+            LLM_MAX_TOKENS=str(MAX_TOKENS),
+            LLM_CONTEXT_TOKENS=str(CONTEXT),
+            LOG_LEVEL="warning",
         )
-        api.start()
-        base = f"http://127.0.0.1:{port}"
+        base = api.base
         try:
-            wait_until(lambda: httpx.get(f"{base}/ready").status_code == 200, 180, "api")
+            api.start()
             _via_api(base, "warm-up question")
             api_runs: list[dict[str, float]] = []
             direct_runs: list[dict[str, float]] = []

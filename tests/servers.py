@@ -190,3 +190,42 @@ class ChromaServer(Process):
         super().start()
         url = f"http://127.0.0.1:{self.port}/api/v2/heartbeat"
         wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "chroma run")
+
+
+class ApiServer(Process):
+    """`python -m api serve` on a free port, with this checkout's model and sample corpus;
+    `env` overrides. `start` returns once /ready answers 200."""
+
+    def __init__(self, workdir: Path, name: str = "api", **env: str) -> None:
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            [sys.executable, "-m", "api", "serve"],
+            workdir / f"{name}.log",
+            cwd=ROOT,
+            env={
+                "PORT": str(self.port),
+                "DATA_DIR": str(workdir / "data"),
+                "MODEL_DIR": str(ROOT / "models"),
+                "DOCUMENTS_DIR": str(ROOT / "documents"),
+                "CHROMA_COLLECTION_PREFIX": name,
+                "LLM_PORT": str(free_port()),
+                **env,
+            },
+        )
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> None:
+        super().start()
+        try:
+            wait_until(
+                lambda: httpx.get(f"{self.base}/ready", timeout=2).status_code == 200,
+                timeout,
+                f"api server {self.log_path.stem}",
+            )
+        except TimeoutError:
+            self.stop()
+            raise AssertionError(self.output()[-3000:]) from None

@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from tests.conftest import CORPUS_DIR, MODEL_DIR
+from tests.conftest import CORPUS_DIR
 from tests.otlp import OtlpReceiver
-from tests.servers import ROOT, Process, RedisServer, free_port, wait_until
+from tests.servers import ApiServer, RedisServer, wait_until
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 
@@ -31,7 +30,7 @@ SERVER, CLIENT = 2, 3  # OTLP span kinds
 @dataclass
 class Stack:
     base: str
-    process: Process
+    process: ApiServer
     otlp: OtlpReceiver
 
     def workers(self) -> set[int]:
@@ -70,35 +69,28 @@ def stack(tmp_path_factory, chroma_server, llm_server) -> Iterator[Stack]:
     redis_server.start()
     otlp = OtlpReceiver()
     otlp.start()
-    port = free_port()
-    env = {
-        "PORT": str(port),
-        "WEB_CONCURRENCY": "2",
-        "DATA_DIR": str(tmp / "data"),
-        "MODEL_DIR": str(MODEL_DIR),
-        "CHROMA_HOST": "127.0.0.1",
-        "CHROMA_PORT": str(chroma_server.port),
-        "CHROMA_COLLECTION_PREFIX": "observed",
-        "REDIS_URL": redis_server.url,
-        "INGEST_ON_START": "false",
-        "LOG_FORMAT": "json",
-        "LLM_BASE_URL": llm_server.base_url,
-        "LLM_GGUF": str(llm_server.model),
-        "LLM_MAX_TOKENS": "16",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_SERVICE_NAME": "rag-api-test",
-        "OTEL_TRACES_SAMPLER": "always_on",
-        "OTEL_SDK_DISABLED": "false",
-    }
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process = Process([sys.executable, "-m", "api", "serve"], tmp / "api.log", env=env, cwd=ROOT)
-    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process.start()
-    base = f"http://127.0.0.1:{port}"
+    process = ApiServer(
+        tmp,
+        "observed",
+        WEB_CONCURRENCY="2",
+        CHROMA_HOST="127.0.0.1",
+        CHROMA_PORT=str(chroma_server.port),
+        REDIS_URL=redis_server.url,
+        INGEST_ON_START="false",
+        LOG_FORMAT="json",
+        LLM_BASE_URL=llm_server.base_url,
+        LLM_GGUF=str(llm_server.model),
+        LLM_MAX_TOKENS="16",
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_SERVICE_NAME="rag-api-test",
+        OTEL_TRACES_SAMPLER="always_on",
+        OTEL_SDK_DISABLED="false",
+    )
+    base = process.base
     stack = Stack(base, process, otlp)
     try:
-        wait_until(lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 120, "api")
+        process.start()
         # Both workers up and reporting before any test counts on them.
         wait_until(
             lambda: len(stack.metrics().get("rag_worker_resident_memory_bytes", [])) == 2,

@@ -10,42 +10,19 @@ import httpx
 import pytest
 
 from tests.conftest import CORPUS_DIR, MODEL_DIR
-from tests.servers import ROOT, ChromaServer, Process, RedisServer, free_port, wait_until
+from tests.servers import ROOT, ApiServer, ChromaServer, RedisServer
 
 
-def serve(tmp_path: Path, name: str, **env: str) -> tuple[Process, str]:
-    port = free_port()
-    process = Process(
-        [sys.executable, "-m", "api", "serve"],
-        tmp_path / f"{name}.log",
-        cwd=ROOT,
-        env={
-            "PORT": str(port),
-            "DATA_DIR": str(tmp_path / "data"),
-            "MODEL_DIR": str(MODEL_DIR),
-            "DOCUMENTS_DIR": str(CORPUS_DIR),
-            "CHROMA_COLLECTION_PREFIX": name,
-            "LLM_PORT": str(free_port()),
-            "GENERATOR": "extractive",
-            **env,
-        },
-    )
-    process.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(
-            lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 120, f"{name} server"
-        )
-    except TimeoutError:
-        process.stop()
-        raise AssertionError(process.output()[-3000:]) from None
-    return process, base
+def serve(tmp_path: Path, name: str, **env: str) -> tuple[ApiServer, str]:
+    server = ApiServer(tmp_path, name, **{"GENERATOR": "extractive", **env})
+    server.start()
+    return server, server.base
 
 
 def test_first_start_serves_the_sample_corpus(tmp_path):
     """What a newcomer does after `make run`: one curl, an answer with sources, from the
     local LLM that `serve` starts beside gunicorn."""
-    process, base = serve(tmp_path, "embedded", GENERATOR="openai")
+    process, base = serve(tmp_path, "embedded", GENERATOR="openai", LLM_MAX_TOKENS="64")
     try:
         response = httpx.post(
             f"{base}/query", timeout=30, json={"question": "How do I restore a backup?"}
@@ -63,7 +40,9 @@ def test_first_start_serves_the_sample_corpus(tmp_path):
             f"{base}/query", content=b"{", timeout=10, headers={"content-type": "application/json"}
         )
         assert bad.status_code == 422
-        assert httpx.post(f"{base}/query", json={"question": "backup?"}).status_code == 200
+        assert (
+            httpx.post(f"{base}/query", json={"question": "backup?"}, timeout=60).status_code == 200
+        )
     finally:
         process.stop()
     assert process.proc is not None and process.proc.returncode == 0, process.output()[-2000:]
