@@ -100,7 +100,7 @@ class Cache:
         if self._pending_bump:
             # Last chance: no probe will run after this process has gone.
             try:
-                self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+                self._new_generation()
             except redis.RedisError as exc:
                 log.error(
                     "corpus change not announced to redis: cached answers may be stale "
@@ -132,7 +132,7 @@ class Cache:
         of lets them serve stale answers. If it fails, the probe retries it."""
         try:
             with self._span("SET"):
-                self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+                self._new_generation()
         except redis.RedisError as exc:
             self._pending_bump = True
             self._went_down(exc)
@@ -154,6 +154,10 @@ class Cache:
             return bool(self._redis.ping())
         except redis.RedisError:
             return False
+
+    def _new_generation(self) -> None:
+        """Every answer cached so far becomes unreachable (the TTL reclaims them)."""
+        self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
 
     # --- failure handling
     def _span(self, operation: str) -> AbstractContextManager[Span]:
@@ -193,7 +197,7 @@ class Cache:
                 self._redis.ping()
                 # Any worker's writes during the outage may be unannounced: replace the
                 # generation before trusting a cached answer again.
-                self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+                self._new_generation()
             except redis.RedisError:
                 continue
             with self._state:

@@ -130,7 +130,6 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.add_middleware(
         RequestTelemetry,
         access_log_on=settings.access_log,
-        metrics_on=settings.metrics_enabled,
         tracing_on=provider is not None,
     )
     return app

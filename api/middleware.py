@@ -42,12 +42,10 @@ class RequestTelemetry:
         self,
         app: ASGIApp,
         access_log_on: bool = True,
-        metrics_on: bool = True,
         tracing_on: bool = True,
     ) -> None:
         self.app = app
         self.access_log_on = access_log_on
-        self.metrics_on = metrics_on
         self.tracing_on = tracing_on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,7 +87,7 @@ class RequestTelemetry:
                 ]
             await send(message)
 
-        if self.metrics_on:
+        if telemetry.metrics_enabled():
             metrics.HTTP_ACTIVE.labels(method).inc()
         start = time.perf_counter()
         try:
@@ -98,7 +96,7 @@ class RequestTelemetry:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"  # never the raw path
-            if self.metrics_on:
+            if telemetry.metrics_enabled():
                 metrics.HTTP_ACTIVE.labels(method).dec()
                 telemetry.observe(
                     metrics.HTTP_DURATION,

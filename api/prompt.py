@@ -72,7 +72,8 @@ def build_prompt(
     """Sources go in by rank; the first that does not fit is cut to the space left, the
     rest are left out, so the [n] the model sees match the sources returned."""
     question_part = f"Question: {question}"
-    limit = context_tokens - max_tokens - TEMPLATE_TOKENS - count(SYSTEM)
+    system_tokens = count(SYSTEM)
+    limit = context_tokens - max_tokens - TEMPLATE_TOKENS - system_tokens
     # Parts are counted one by one (fast); each join may cost a token more than its parts.
     budget = limit - count("Sources:\n\n\n\n" + question_part) - 1
     blocks: list[str] = []
@@ -104,7 +105,7 @@ def build_prompt(
         user = _render(blocks, question_part)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
     return Prompt(
-        messages=messages, sources=kept, tokens=count(SYSTEM) + count(user) + TEMPLATE_TOKENS
+        messages=messages, sources=kept, tokens=system_tokens + count(user) + TEMPLATE_TOKENS
     )
 
 

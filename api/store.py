@@ -95,6 +95,11 @@ class StoredDocument:
         )
 
 
+def _committed(docs: Collection, doc_id: str) -> bool:
+    """Whether the document record, the commit point of a write, exists."""
+    return bool(docs.get(ids=[doc_id], include=[])["ids"])
+
+
 def _lock_data_dir(data_dir: Path) -> int:
     """Chroma's embedded store is not safe across processes (chroma-core/chroma#961, #3792):
     take an exclusive lock so a second process fails loudly instead of corrupting it."""
@@ -275,7 +280,7 @@ class VectorStore:
         centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
         with self._call("write") as (chunks, docs):
             assert self._client is not None
-            if docs.get(ids=[doc.id], include=[])["ids"]:
+            if _committed(docs, doc.id):
                 return  # another writer committed this same content meanwhile
             batch = self._client.get_max_batch_size()
             # Chunk ids derive from the content, so concurrent writers of one document
@@ -300,13 +305,13 @@ class VectorStore:
                 )
             except Exception:
                 # Roll back, unless a concurrent writer has committed the same document.
-                if not docs.get(ids=[doc.id], include=[])["ids"]:
+                if not _committed(docs, doc.id):
                     chunks.delete(ids=ids)
                 raise
 
     def delete_document(self, doc_id: str) -> bool:
         with self._call("delete") as (chunks, docs):
-            if not docs.get(ids=[doc_id], include=[])["ids"]:
+            if not _committed(docs, doc_id):
                 return False
             # Document record first: from here on its chunks are invisible to searches.
             docs.delete(ids=[doc_id])

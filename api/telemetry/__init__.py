@@ -27,6 +27,7 @@ __all__ = [
     "enable_metrics",
     "gunicorn_logconfig",
     "metrics",
+    "metrics_enabled",
     "note",
     "observe",
     "setup_tracing",
@@ -43,6 +44,10 @@ _metrics_on = True
 def enable_metrics(on: bool) -> None:
     global _metrics_on
     _metrics_on = on
+
+
+def metrics_enabled() -> bool:
+    return _metrics_on
 
 
 def note(**fields: Any) -> None:

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from api import __version__
 
 _provider: TracerProvider | None = None
+_exporting = False  # set once by setup_tracing; read on every observation
 
 
 def enabled() -> bool:
@@ -35,7 +36,7 @@ def exporting() -> bool:
 def setup_tracing() -> TracerProvider | None:
     """Once per process. Without an OTLP endpoint spans are still made (logs carry their
     ids) but go nowhere; with OTEL_SDK_DISABLED=true nothing is made at all."""
-    global _provider
+    global _provider, _exporting
     if _provider is not None or not enabled():
         return _provider
     resource = Resource.create(
@@ -46,7 +47,8 @@ def setup_tracing() -> TracerProvider | None:
         }
     )
     provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-    if exporting():
+    _exporting = exporting()
+    if _exporting:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -72,6 +74,6 @@ tracer = trace.get_tracer("api")
 def current_trace_id() -> str | None:
     """The trace id to put in an exemplar: only for sampled spans that are exported."""
     context = trace.get_current_span().get_span_context()
-    if context.is_valid and context.trace_flags.sampled and exporting():
+    if _exporting and context.is_valid and context.trace_flags.sampled:
         return format(context.trace_id, "032x")
     return None
