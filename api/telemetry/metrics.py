@@ -269,8 +269,15 @@ def exposition(accept: str, extra: Iterable[Any] = ()) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+_background: threading.Thread | None = None
+
+
 def start_background(interval: float = 5.0) -> None:
-    """Per worker: keep its RSS/CPU gauges current and its exemplars flushed."""
+    """Once per worker process (an app started twice in one process reuses it): keep its
+    RSS/CPU gauges current and its exemplars flushed."""
+    global _background
+    if _background is not None:
+        return
 
     def loop() -> None:
         while True:
@@ -280,4 +287,5 @@ def start_background(interval: float = 5.0) -> None:
                 time.sleep(1.0)
 
     sample_process()
-    threading.Thread(target=loop, name="metrics", daemon=True).start()
+    _background = threading.Thread(target=loop, name="metrics", daemon=True)
+    _background.start()
