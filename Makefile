@@ -8,9 +8,11 @@ STAMPS := .stamps
 MODEL := models/all-MiniLM-L6-v2/export.json
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite starts for real.
-SYSTEM_PACKAGES := redis-server
+SYSTEM_PACKAGES := redis-server nginx prometheus prometheus-nginx-exporter prometheus-redis-exporter wrk
+# Packaged services the stack and the tests start themselves, on their own ports.
+PACKAGED_SERVICES := redis-server nginx prometheus prometheus-nginx-exporter prometheus-redis-exporter
 
-.PHONY: help install run test lint format bench model system-deps clean
+.PHONY: help install run test lint format bench model system-deps clean stack stack-down stack-status
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,14 +38,15 @@ install: $(STAMPS)/venv $(MODEL)  ## venv, packages and the ONNX model
 run: install  ## serve the API on http://127.0.0.1:8000 (embedded Chroma under ./data)
 	$(BIN)/python -m api serve
 
-system-deps:  ## Debian packages the tests need (redis-server)
+system-deps:  ## Debian packages the tests and benchmarks need
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@# The packaged redis service is not what the tests use; they start their own servers.
-	@-$(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true
+	@# The packaged services are not what the stack or the tests use: they start their own,
+	@# and the packaged Prometheus would hold :9090.
+	@-$(SUDO) systemctl disable --now $(PACKAGED_SERVICES) >/dev/null 2>&1 || true
 
 lint: $(STAMPS)/dev  ## ruff and mypy
 	$(BIN)/ruff check .
@@ -57,7 +60,16 @@ format: $(STAMPS)/dev
 test: install $(STAMPS)/dev system-deps lint  ## the whole suite, with real redis-server and chroma
 	$(BIN)/pytest
 
-bench: install $(STAMPS)/dev  ## embedding, ingest and /query throughput (docs/BENCHMARKS.md)
+stack: install system-deps  ## nginx :8080 over REPLICAS API replicas, redis, chroma, LLM, Prometheus :9090
+	$(BIN)/python -m deployment.stack up
+
+stack-down:  ## stop everything `make stack` started
+	$(BIN)/python -m deployment.stack down
+
+stack-status:  ## what `make stack` runs, and since when
+	$(BIN)/python -m deployment.stack status
+
+bench: install $(STAMPS)/dev system-deps  ## embedding, ingest and /query throughput (docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.service
 
 clean:  ## remove the venv, exported model and local data

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from api.config import get_settings
+from api.telemetry import traces
 from api.telemetry.logs import gunicorn_logconfig
+from api.telemetry.relay import SOCKET_ENV, Relay
 
 _settings = get_settings()
 
@@ -36,12 +38,27 @@ loglevel = _settings.log_level
 logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format)
 
 
+_relay: Relay | None = None
+
+
 def on_starting(server: Any) -> None:
-    """Samples from an earlier run would be added to this run's counters: start empty."""
+    """Samples from an earlier run would be added to this run's counters: start empty.
+    Spans are exported by a relay process beside the workers (api/telemetry/relay.py),
+    started before they fork so they inherit its address."""
+    global _relay
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         shutil.rmtree(directory, ignore_errors=True)
         Path(directory).mkdir(parents=True, exist_ok=True)
+    if traces.exporting():
+        _relay = Relay()
+        os.environ[SOCKET_ENV] = _relay.path
+
+
+def on_exit(server: Any) -> None:
+    """After the workers: their last spans have reached the relay, which sends them on."""
+    if _relay is not None:
+        _relay.stop()
 
 
 def child_exit(server: Any, worker: Any) -> None:

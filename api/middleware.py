@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import re
 import time
-import uuid
 
 import structlog
 from opentelemetry import context as otel_context
@@ -54,7 +54,9 @@ class RequestTelemetry:
             return
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        # Not uuid4: a request id needs uniqueness, not unpredictability, and urandom is a
+        # system call per request.
+        request_id = given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
         method = scope["method"]
         span = None
         if self.tracing_on and scope["path"] not in UNTRACED:
@@ -63,7 +65,7 @@ class RequestTelemetry:
             }
             span = telemetry.tracer.start_span(
                 method,
-                context=propagate.extract(carrier),
+                context=propagate.extract(carrier) if carrier else None,
                 kind=SpanKind.SERVER,
                 attributes={
                     "http.request.method": method,
@@ -87,8 +89,9 @@ class RequestTelemetry:
                 ]
             await send(message)
 
+        active = telemetry.child(metrics.HTTP_ACTIVE, http_request_method=method)
         if telemetry.metrics_enabled():
-            metrics.HTTP_ACTIVE.labels(method).inc()
+            active.inc()
         start = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
@@ -97,7 +100,7 @@ class RequestTelemetry:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"  # never the raw path
             if telemetry.metrics_enabled():
-                metrics.HTTP_ACTIVE.labels(method).dec()
+                active.dec()
                 telemetry.observe(
                     metrics.HTTP_DURATION,
                     elapsed,
@@ -118,8 +121,7 @@ class RequestTelemetry:
             telemetry.request_notes.reset(notes_token)
             if span is not None:
                 span.update_name(f"{method} {template}")
-                span.set_attribute("http.route", template)
-                span.set_attribute("http.response.status_code", status)
+                span.set_attributes({"http.route": template, "http.response.status_code": status})
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()

@@ -34,10 +34,16 @@ class Stack:
     otlp: OtlpReceiver
 
     def workers(self) -> set[int]:
-        """The gunicorn workers: children of the master, itself the runner's child."""
+        """The gunicorn workers: children of the master, itself the runner's child, apart
+        from the master's span relay."""
         assert self.process.proc is not None
         masters = _children(self.process.proc.pid)
-        return {pid for master in masters for pid in _children(master)}
+        return {
+            pid
+            for master in masters
+            for pid in _children(master)
+            if b"api.telemetry.relay" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        }
 
     def metrics(self, openmetrics: bool = False) -> dict[str, list]:
         accept = "application/openmetrics-text" if openmetrics else "text/plain"

@@ -17,6 +17,7 @@ multiprocess mode lacks are provided here:
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import resource
@@ -165,37 +166,37 @@ class Exemplars:
 
     def __init__(self, directory: str | None, flush_seconds: float = 1.0) -> None:
         self._dir = Path(directory) if directory else None
-        self._latest: dict[str, tuple[str, float, float]] = {}
+        # (metric, labels, le) -> (trace_id, value, time); keyed by tuples on the request
+        # path, turned into the files' JSON keys only when written or merged.
+        self._latest: dict[tuple[str, tuple[tuple[str, str], ...], str], Any] = {}
         self._lock = threading.Lock()
         self._dirty = False
         self._flush_seconds = flush_seconds
 
     @staticmethod
-    def key(metric: str, labels: dict[str, str], le: str) -> str:
-        return json.dumps([metric, sorted(labels.items()), le])
+    def key(metric: str, labels: Iterable[tuple[str, str]], le: str) -> str:
+        return json.dumps([metric, sorted(labels), le])
 
     def record(
         self, histogram: Histogram, labels: dict[str, str], value: float, trace_id: str
     ) -> None:
         bounds: list[float] = histogram._upper_bounds  # the histogram's own bucket edges
-        le = next(b for b in bounds if value <= b)
+        le = bounds[bisect.bisect_left(bounds, value)]
         le_text = "+Inf" if le == float("inf") else repr(float(le))
+        entry = (trace_id, value, time.time())
         with self._lock:
-            self._latest[self.key(histogram._name, labels, le_text)] = (
-                trace_id,
-                value,
-                time.time(),
-            )
+            self._latest[(histogram._name, tuple(labels.items()), le_text)] = entry
             self._dirty = True
 
-    def flush(self) -> None:
-        if self._dir is None:
-            return
+    def _local(self) -> dict[str, tuple[str, float, float]]:
         with self._lock:
-            if not self._dirty:
-                return
-            payload = json.dumps(self._latest)
-            self._dirty = False
+            return {self.key(*k): v for k, v in self._latest.items()}
+
+    def flush(self) -> None:
+        if self._dir is None or not self._dirty:
+            return
+        self._dirty = False
+        payload = json.dumps(self._local())
         path = self._dir / f"exemplars_{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(payload)
@@ -212,10 +213,9 @@ class Exemplars:
             for key, value in found.items():
                 if key not in merged or value[2] > merged[key][2]:
                     merged[key] = (value[0], value[1], value[2])
-        with self._lock:
-            for key, value in self._latest.items():
-                if key not in merged or value[2] >= merged[key][2]:
-                    merged[key] = value
+        for key, value in self._local().items():
+            if key not in merged or value[2] >= merged[key][2]:
+                merged[key] = value
         return merged
 
 
@@ -247,7 +247,9 @@ def _attach(name: str, sample: Any, exemplars: dict[str, tuple[str, float, float
         return sample
     labels = {k: v for k, v in sample.labels.items() if k != "le"}
     le = sample.labels["le"]
-    found = exemplars.get(Exemplars.key(name, labels, "+Inf" if le == "+Inf" else repr(float(le))))
+    found = exemplars.get(
+        Exemplars.key(name, labels.items(), "+Inf" if le == "+Inf" else repr(float(le)))
+    )
     if found is None:
         return sample
     trace_id, value, timestamp = found

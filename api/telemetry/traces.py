@@ -14,7 +14,7 @@ import socket
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from api import __version__
 
@@ -49,9 +49,7 @@ def setup_tracing() -> TracerProvider | None:
     provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
     _exporting = exporting()
     if _exporting:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(_exporter()))
     trace.set_tracer_provider(provider)
     # Every httpx client (Chroma over HTTP, the LLM) gets client spans; Redis calls get
     # theirs from api/cache.py.
@@ -60,6 +58,18 @@ def setup_tracing() -> TracerProvider | None:
     HTTPXClientInstrumentor().instrument(tracer_provider=provider)
     _provider = provider
     return provider
+
+
+def _exporter() -> SpanExporter:
+    """Under gunicorn the master's span relay encodes and sends (api/telemetry/relay.py);
+    a process on its own (tests, a bare uvicorn) exports OTLP/HTTP itself."""
+    from api.telemetry.relay import SOCKET_ENV, RelaySpanExporter
+
+    if path := os.environ.get(SOCKET_ENV):
+        return RelaySpanExporter(path)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
 
 
 def shutdown_tracing() -> None:

@@ -1,0 +1,95 @@
+"""The span relay hands spans from a worker to a separate exporting process: what comes out
+of it must be, byte for byte, the OTLP the worker would have sent itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AnyValue
+
+from api.telemetry import relay
+from tests.otlp import OtlpReceiver
+from tests.servers import wait_until
+
+
+@pytest.fixture(autouse=True)
+def _sdk_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")  # conftest turns it off for apps
+
+
+def _spans() -> list[ReadableSpan]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("api", "9.9")
+    caller = TraceContextTextMapPropagator().extract(
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=opaque",
+        }
+    )
+    attributes: dict[str, AnyValue] = {
+        "http.route": "/query",
+        "rag.top_k": 3,
+        "tags": ("a", "b"),
+        "ok": True,
+    }
+    with (
+        tracer.start_as_current_span(
+            "POST /query", context=caller, kind=SpanKind.SERVER, attributes=attributes
+        ) as server,
+        tracer.start_as_current_span("generate", attributes={"rag.temperature": 0.7}) as gen,
+    ):
+        gen.record_exception(ValueError("boom"))
+        gen.set_status(Status(StatusCode.ERROR, "boom"))
+        gen.add_link(server.get_span_context(), {"why": "test"})
+    return list(memory.get_finished_spans())
+
+
+def test_a_round_trip_gives_identical_otlp():
+    spans = _spans()
+    frame = relay.encode(spans)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    back = relay.decode(frame[4:])
+    assert [s.name for s in back] == ["generate", "POST /query"]
+    assert back[1].parent is not None and back[1].parent.is_remote
+    assert encode_spans(back).SerializeToString() == encode_spans(spans).SerializeToString()
+
+
+def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    receiver = OtlpReceiver()
+    receiver.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    process = relay.Relay()
+    exporter = relay.RelaySpanExporter(process.path, timeout=2)
+    spans = _spans()
+    try:
+        assert exporter.export(spans) == SpanExportResult.SUCCESS
+        wait_until(lambda: len(receiver.spans) == 2, 15, "spans at the collector")
+        assert {s.span_id for s in receiver.spans} == {
+            format(s.context.span_id, "016x") for s in spans
+        }
+    finally:
+        process.stop()
+        receiver.stop()
+    assert not Path(process.directory).exists()
+    # The relay is gone: the batch is dropped and said so, and the worker carries on.
+    assert exporter.export(spans) == SpanExportResult.FAILURE
+    exporter.shutdown()
+
+
+def test_links_survive():
+    spans = _spans()
+    back = relay.decode(relay.encode(spans)[4:])
+    link: Link = back[0].links[0]
+    assert link.context.span_id == spans[1].context.span_id
+    assert dict(link.attributes or {}) == {"why": "test"}
