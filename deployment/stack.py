@@ -1,0 +1,236 @@
+"""`make stack` / `make stack-down`: the production topology as native processes.
+
+supervisord (from the `supervisor` package) runs every server: it restarts whatever exits,
+stops a program's whole process group, and keeps one log per program under
+STACK_DIR/log. It was chosen over honcho, which stops everything when one process exits
+(the opposite of what a crashed replica needs), and over circus, which is less used and
+less documented. This module only renders the configuration (deployment/topology.py),
+starts supervisord, waits until every part answers, and loads the sample corpus.
+
+    python -m deployment.stack up | down | status
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import redis
+
+from deployment.topology import HOST, Topology, render
+
+BINARIES = (
+    "redis-server",
+    "nginx",
+    "prometheus",
+    "prometheus-nginx-exporter",
+    "prometheus-redis-exporter",
+)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _supervisord_pid(topology: Topology) -> int | None:
+    try:
+        pid = int((topology.run_dir / "supervisord.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def supervisorctl(topology: Topology, *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(_conf(topology)), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+
+
+def _conf(topology: Topology) -> Path:
+    return topology.stack_dir / "supervisord.conf"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _preflight(topology: Topology) -> None:
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        raise StackError(f"not installed: {', '.join(missing)} (run `make system-deps`)")
+    if _supervisord_pid(topology) is not None:
+        raise StackError(f"a stack is already running from {topology.stack_dir}; stop it first")
+    busy = [f"{name} ({port})" for name, port in topology.ports().items() if not _port_free(port)]
+    if busy:
+        raise StackError(
+            "ports already in use: " + ", ".join(busy) + " (override them by env, see README)"
+        )
+
+
+def _checks(topology: Topology) -> dict[str, Callable[[], bool]]:
+    def http(url: str) -> Callable[[], bool]:
+        return lambda: httpx.get(url, timeout=2).status_code == 200
+
+    def redis_up() -> bool:
+        client = redis.Redis.from_url(topology.redis_url(), socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    checks: dict[str, Callable[[], bool]] = {
+        "redis": redis_up,
+        "chroma": http(f"http://{HOST}:{topology.chroma_port}/api/v2/heartbeat"),
+        "llm": http(f"http://{HOST}:{topology.llm_port}/v1/models"),
+    }
+    for index, name in enumerate(topology.replica_names(), start=1):
+        checks[name] = http(f"http://{HOST}:{topology.replica_port(index)}/ready")
+    checks["nginx"] = http(f"{topology.url}/health")
+    checks["prometheus"] = http(f"{topology.prometheus_url}/-/ready")
+    checks["nginx-exporter"] = http(f"http://{HOST}:{topology.nginx_exporter_port}/metrics")
+    checks["redis-exporter"] = http(f"http://{HOST}:{topology.redis_exporter_port}/metrics")
+    return checks
+
+
+def wait_ready(topology: Topology, timeout: float) -> None:
+    pending = _checks(topology)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for name, check in list(pending.items()):
+            try:
+                if check():
+                    del pending[name]
+            except (OSError, httpx.HTTPError, redis.RedisError):
+                pass
+        time.sleep(0.5)
+    if pending:
+        details = []
+        for name in pending:
+            log = topology.log_dir / f"{name}.log"
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else "(no log)"
+            details.append(f"--- {name} ({log}):\n{tail}")
+        raise StackError(
+            f"not ready after {timeout:.0f}s: {', '.join(pending)}\n" + "\n".join(details)
+        )
+
+
+def _load_corpus(topology: Topology) -> dict[str, object]:
+    response = httpx.post(f"{topology.url}/documents/reload", timeout=600)
+    if response.status_code != 200:
+        raise StackError(
+            f"loading the sample corpus failed: {response.status_code} {response.text}"
+        )
+    result: dict[str, object] = response.json()
+    return result
+
+
+def up(topology: Topology, timeout: float = 300, load_corpus: bool = True) -> None:
+    _preflight(topology)
+    render(topology)
+    nginx_test = subprocess.run(
+        [
+            "nginx",
+            "-t",
+            "-q",
+            "-p",
+            str(topology.stack_dir / "nginx"),
+            "-c",
+            str(topology.stack_dir / "nginx" / "nginx.conf"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if nginx_test.returncode != 0:
+        raise StackError(f"nginx rejects its configuration:\n{nginx_test.stderr}")
+    subprocess.run(
+        [sys.executable, "-m", "supervisor.supervisord", "-c", str(_conf(topology))],
+        check=True,
+        timeout=60,
+    )
+    try:
+        wait_ready(topology, timeout)
+        if load_corpus:
+            _load_corpus(topology)
+    except BaseException:
+        down(topology)
+        raise
+
+
+def down(topology: Topology, timeout: float = 90) -> bool:
+    """Stop supervisord and, through it, every program it runs; True if one was running."""
+    pid = _supervisord_pid(topology)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)  # supervisord stops its programs (process groups), then exits
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    raise StackError(f"supervisord (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+def _print_urls(topology: Topology) -> None:
+    replicas = ", ".join(
+        f"http://{HOST}:{topology.replica_port(i)}" for i in range(1, topology.replicas + 1)
+    )
+    password = topology.stack_dir / "redis" / "password"
+    print(f"""
+The stack is up ({topology.replicas} replicas x {topology.workers} workers):
+  API (nginx, least_conn)  {topology.url}
+  Prometheus               {topology.prometheus_url}
+  replicas                 {replicas}
+  Redis                    {HOST}:{topology.redis_port} (password in {password})
+  Chroma                   http://{HOST}:{topology.chroma_port}
+  LLM (OpenAI-compatible)  http://{HOST}:{topology.llm_port}/v1
+  logs                     {topology.log_dir}/
+Stop it with `make stack-down`.""")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployment.stack")
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    try:
+        topology = Topology.from_env()
+        if args.command == "up":
+            up(topology)
+            _print_urls(topology)
+        elif args.command == "down":
+            print("stopped" if down(topology) else "no stack running")
+        else:
+            if _supervisord_pid(topology) is None:
+                print("no stack running")
+                return 1
+            print(supervisorctl(topology, "status"), end="")
+    except StackError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""The production topology, once: which servers run, on which ports, with what settings.
+
+`make stack` renders it into native configuration (nginx, Prometheus targets, redis.conf,
+supervisord.conf) under STACK_DIR; compose and Kubernetes are checked against the same
+description, so the three cannot drift apart.
+
+Every port and count comes from the environment, with these defaults:
+
+    REPLICAS=2  WEB_CONCURRENCY=2  NGINX_PORT=8080  NGINX_STATUS_PORT=8081
+    API_PORT=8001 (replica i listens on API_PORT+i-1)  REDIS_PORT=6390  CHROMA_PORT=8200
+    LLM_PORT=8090  PROMETHEUS_PORT=9090  NGINX_EXPORTER_PORT=9113  REDIS_EXPORTER_PORT=9121
+    STACK_DIR=./var
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from api.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENT = ROOT / "deployment"
+HOST = "127.0.0.1"
+# nginx marks a replica down after one failed attempt for this long, then tries it again.
+UPSTREAM_PARAMS = "max_fails=1 fail_timeout=5s"
+
+
+def _port(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, str(default))
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SystemExit(f"{name}={raw!r} is not a port number")
+    return int(raw)
+
+
+def _count(env: dict[str, str], name: str, default: int, most: int) -> int:
+    raw = env.get(name, str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise SystemExit(f"{name}={raw!r}: expected a whole number from 1 to {most}")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class Topology:
+    replicas: int = 2
+    workers: int = 2
+    nginx_port: int = 8080
+    nginx_status_port: int = 8081
+    api_port: int = 8001
+    redis_port: int = 6390
+    chroma_port: int = 8200
+    llm_port: int = 8090
+    prometheus_port: int = 9090
+    nginx_exporter_port: int = 9113
+    redis_exporter_port: int = 9121
+    stack_dir: Path = field(default_factory=lambda: ROOT / "var")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Topology:
+        env = dict(os.environ if env is None else env)
+        topology = cls(
+            replicas=_count(env, "REPLICAS", 2, 16),
+            workers=_count(env, "WEB_CONCURRENCY", 2, 64),
+            nginx_port=_port(env, "NGINX_PORT", 8080),
+            nginx_status_port=_port(env, "NGINX_STATUS_PORT", 8081),
+            api_port=_port(env, "API_PORT", 8001),
+            redis_port=_port(env, "REDIS_PORT", 6390),
+            chroma_port=_port(env, "CHROMA_PORT", 8200),
+            llm_port=_port(env, "LLM_PORT", 8090),
+            prometheus_port=_port(env, "PROMETHEUS_PORT", 9090),
+            nginx_exporter_port=_port(env, "NGINX_EXPORTER_PORT", 9113),
+            redis_exporter_port=_port(env, "REDIS_EXPORTER_PORT", 9121),
+            stack_dir=Path(env.get("STACK_DIR", str(ROOT / "var"))).resolve(),
+        )
+        ports = topology.ports()
+        clashes = {p for p in ports.values() if list(ports.values()).count(p) > 1}
+        if clashes:
+            names = sorted(n for n, p in ports.items() if p in clashes)
+            raise SystemExit(f"port clash between {', '.join(names)}")
+        return topology
+
+    # --- names and places
+    def replica_names(self) -> list[str]:
+        return [f"api-{i}" for i in range(1, self.replicas + 1)]
+
+    def replica_port(self, index: int) -> int:
+        return self.api_port + index - 1
+
+    def ports(self) -> dict[str, int]:
+        ports = {
+            "nginx": self.nginx_port,
+            "nginx-status": self.nginx_status_port,
+            "redis": self.redis_port,
+            "chroma": self.chroma_port,
+            "llm": self.llm_port,
+            "prometheus": self.prometheus_port,
+            "nginx-exporter": self.nginx_exporter_port,
+            "redis-exporter": self.redis_exporter_port,
+        }
+        for i, name in enumerate(self.replica_names(), start=1):
+            ports[name] = self.replica_port(i)
+        return ports
+
+    @property
+    def log_dir(self) -> Path:
+        return self.stack_dir / "log"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.stack_dir / "run"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.nginx_port}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{HOST}:{self.prometheus_port}"
+
+    def redis_password(self) -> str:
+        """REDIS_PASSWORD, or one made on first start and kept (0600) under STACK_DIR."""
+        if given := os.environ.get("REDIS_PASSWORD"):
+            return given
+        path = self.stack_dir / "redis" / "password"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    def redis_url(self) -> str:
+        return f"redis://:{self.redis_password()}@{HOST}:{self.redis_port}/0"
+
+
+# --- rendering
+_PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+
+
+def render_template(text: str, values: dict[str, str]) -> str:
+    """Fill ${NAME} placeholders (what envsubst would), refusing any that has no value.
+    nginx's own `$variables` are lower case and unbraced, so they are left alone."""
+    missing = sorted({m for m in _PLACEHOLDER.findall(text) if m not in values})
+    if missing:
+        raise ValueError(f"no value for {', '.join(missing)}")
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def nginx_values(topology: Topology, access_log: str) -> dict[str, str]:
+    servers = [
+        f"server {HOST}:{topology.replica_port(i)} {UPSTREAM_PARAMS};"
+        for i in range(1, topology.replicas + 1)
+    ]
+    return {
+        "API_UPSTREAM_SERVERS": "\n    ".join(servers),
+        "NGINX_LISTEN": f"{HOST}:{topology.nginx_port}",
+        "NGINX_STATUS_LISTEN": f"{HOST}:{topology.nginx_status_port}",
+        "NGINX_ACCESS_LOG": access_log,
+        "MAX_REQUEST_BYTES": str(Settings.model_fields["max_request_bytes"].default),
+    }
+
+
+def _nginx_main(topology: Topology) -> str:
+    """The native main context: paths under STACK_DIR, so nginx runs without root's
+    directories and without touching the system's nginx."""
+    nginx_dir = topology.stack_dir / "nginx"
+    temp = nginx_dir / "tmp"
+    return f"""# Generated by deployment/topology.py for the native stack; edit rag.conf.template.
+worker_processes auto;
+daemon off;
+pid {topology.run_dir / "nginx.pid"};
+error_log {topology.log_dir / "nginx-error.log"} warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_timeout 65s;
+    client_body_temp_path {temp / "body"};
+    proxy_temp_path {temp / "proxy"};
+    fastcgi_temp_path {temp / "fastcgi"};
+    uwsgi_temp_path {temp / "uwsgi"};
+    scgi_temp_path {temp / "scgi"};
+
+    include {nginx_dir / "rag.conf"};
+}}
+"""
+
+
+def _targets(topology: Topology) -> dict[str, list[dict[str, object]]]:
+    return {
+        "rag-api": [
+            {
+                "targets": [f"{HOST}:{topology.replica_port(i)}"],
+                "labels": {"replica": name},
+            }
+            for i, name in enumerate(topology.replica_names(), start=1)
+        ],
+        "nginx": [{"targets": [f"{HOST}:{topology.nginx_exporter_port}"]}],
+        "redis": [{"targets": [f"{HOST}:{topology.redis_exporter_port}"]}],
+        "prometheus": [{"targets": [f"{HOST}:{topology.prometheus_port}"]}],
+    }
+
+
+def _redis_conf(topology: Topology) -> str:
+    return f"""# Generated by deployment/topology.py.
+bind {HOST}
+port {topology.redis_port}
+protected-mode yes
+requirepass {topology.redis_password()}
+dir {topology.stack_dir / "redis"}
+appendonly yes
+appendfsync everysec
+save 300 10
+daemonize no
+"""
+
+
+def _program(name: str, command: list[str], topology: Topology, **extra: str) -> str:
+    lines = [
+        f"[program:{name}]",
+        "command=" + " ".join(_quote(part) for part in command),
+        f"directory={ROOT}",
+        "autostart=true",
+        # Restarted whenever it exits, whatever the exit code: a replica killed by the
+        # kernel's OOM killer exits 137, which is exactly when it must come back.
+        "autorestart=true",
+        "startsecs=2",
+        "startretries=10",
+        # The whole process group: a gunicorn master and its workers stop together.
+        "stopasgroup=true",
+        "killasgroup=true",
+        "stopwaitsecs=40",
+        "redirect_stderr=true",
+        f"stdout_logfile={topology.log_dir / (name + '.log')}",
+        "stdout_logfile_maxbytes=50MB",
+        "stdout_logfile_backups=3",
+    ]
+    lines += [f"{key}={value}" for key, value in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(part: str) -> str:
+    # supervisord splits commands shell-style.
+    return part if re.fullmatch(r"[A-Za-z0-9_./:=,@%+-]+", part) else json.dumps(part)
+
+
+def _bare_env(extra: dict[str, str]) -> list[str]:
+    """A command prefix that runs the program with only these variables (env -i)."""
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    return ["env", "-i", *(f"{k}={v}" for k, v in {**keep, **extra}.items())]
+
+
+def _environment(env: dict[str, str]) -> str:
+    return ",".join(f"{k}={json.dumps(v)}" for k, v in env.items())
+
+
+def replica_env(topology: Topology, index: int) -> dict[str, str]:
+    return {
+        "PORT": str(topology.replica_port(index)),
+        "HOST": HOST,
+        "WEB_CONCURRENCY": str(topology.workers),
+        "CHROMA_HOST": HOST,
+        "CHROMA_PORT": str(topology.chroma_port),
+        "REDIS_URL": topology.redis_url(),
+        "LLM_BASE_URL": f"http://{HOST}:{topology.llm_port}/v1",
+        "LLM_GGUF": str(_llm_model()),
+        # The stack loads the sample corpus once, through nginx, after everything is up.
+        "INGEST_ON_START": "false",
+        "PROMETHEUS_MULTIPROC_DIR": str(topology.run_dir / f"{_replica(index)}-metrics"),
+    }
+
+
+def _replica(index: int) -> str:
+    return f"api-{index}"
+
+
+def _llm_model() -> Path:
+    from api.runner import local_model_path
+
+    return local_model_path()
+
+
+def _supervisord(topology: Topology) -> str:
+    from api.config import get_settings
+    from api.runner import llm_server_command
+
+    python = sys.executable
+    run, logs = topology.run_dir, topology.log_dir
+    parts = [
+        f"""; Generated by deployment/topology.py: the native production topology.
+[unix_http_server]
+file={run / "supervisor.sock"}
+chmod=0700
+
+[supervisord]
+logfile={logs / "supervisord.log"}
+pidfile={run / "supervisord.pid"}
+childlogdir={logs}
+nodaemon=false
+silent=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{run / "supervisor.sock"}
+"""
+    ]
+    parts.append(
+        _program("redis", ["redis-server", str(topology.stack_dir / "redis.conf")], topology)
+    )
+    parts.append(
+        _program(
+            "chroma",
+            [
+                *_bare_env({"ANONYMIZED_TELEMETRY": "False"}),  # Chroma's telemetry phones home
+                str(Path(python).parent / "chroma"),
+                "run",
+                "--host",
+                HOST,
+                "--port",
+                str(topology.chroma_port),
+                "--path",
+                str(topology.stack_dir / "chroma"),
+            ],
+            topology,
+        )
+    )
+    settings = get_settings().model_copy(update={"llm_port": topology.llm_port})
+    # llama_cpp.server also reads PORT, HOST, MODEL... from its environment, and those
+    # would override its command line: it starts with an empty one.
+    parts.append(
+        _program("llm", [*_bare_env({}), *llm_server_command(settings, _llm_model())], topology)
+    )
+    for index, name in enumerate(topology.replica_names(), start=1):
+        parts.append(
+            _program(
+                name,
+                [
+                    python,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    "python:api.gunicorn_conf",
+                    "api.main:create_app()",
+                ],
+                topology,
+                environment=_environment(replica_env(topology, index)),
+            )
+        )
+    parts.append(
+        _program(
+            "nginx",
+            ["nginx", "-p", str(topology.stack_dir / "nginx"), "-c", str(_nginx_conf(topology))],
+            topology,
+        )
+    )
+    prometheus_dir = topology.stack_dir / "prometheus"
+    parts.append(
+        _program(
+            "prometheus",
+            [
+                "prometheus",
+                f"--config.file={prometheus_dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={prometheus_dir / 'data'}",
+                f"--web.listen-address={HOST}:{topology.prometheus_port}",
+                "--enable-feature=exemplar-storage",
+                "--web.enable-lifecycle",
+            ],
+            topology,
+        )
+    )
+    parts.append(
+        _program(
+            "nginx-exporter",
+            [
+                "prometheus-nginx-exporter",
+                f"-nginx.scrape-uri=http://{HOST}:{topology.nginx_status_port}/stub_status",
+                f"-web.listen-address={HOST}:{topology.nginx_exporter_port}",
+            ],
+            topology,
+        )
+    )
+    parts.append(
+        _program(
+            "redis-exporter",
+            [
+                "prometheus-redis-exporter",
+                f"-redis.addr=redis://{HOST}:{topology.redis_port}",
+                f"-redis.password-file={_redis_password_file(topology)}",
+                f"-web.listen-address={HOST}:{topology.redis_exporter_port}",
+            ],
+            topology,
+        )
+    )
+    return "\n".join(parts)
+
+
+def _redis_password_file(topology: Topology) -> Path:
+    """redis_exporter's password file maps each Redis URI to its password (JSON)."""
+    return topology.stack_dir / "redis" / "exporter-passwords.json"
+
+
+def _nginx_conf(topology: Topology) -> Path:
+    return topology.stack_dir / "nginx" / "nginx.conf"
+
+
+def render(topology: Topology) -> None:
+    """Write every native configuration file under STACK_DIR."""
+    stack = topology.stack_dir
+    for directory in (
+        topology.log_dir,
+        topology.run_dir,
+        stack / "redis",
+        stack / "chroma",
+        stack / "nginx" / "tmp",
+        stack / "prometheus" / "targets",
+        stack / "prometheus" / "data",
+    ):
+        directory.mkdir(parents=True, exist_ok=True)
+    (stack / "redis.conf").write_text(_redis_conf(topology))
+    (stack / "redis.conf").chmod(0o600)
+    passwords = _redis_password_file(topology)
+    passwords.write_text(
+        json.dumps({f"redis://{HOST}:{topology.redis_port}": topology.redis_password()})
+    )
+    passwords.chmod(0o600)
+
+    template = (DEPLOYMENT / "nginx" / "rag.conf.template").read_text()
+    access_log = str(topology.log_dir / "nginx-access.log")
+    (stack / "nginx" / "rag.conf").write_text(
+        render_template(template, nginx_values(topology, access_log))
+    )
+    _nginx_conf(topology).write_text(_nginx_main(topology))
+
+    prometheus_dir = stack / "prometheus"
+    shutil.copy(DEPLOYMENT / "prometheus" / "prometheus.yml", prometheus_dir / "prometheus.yml")
+    rules = prometheus_dir / "rules"
+    shutil.rmtree(rules, ignore_errors=True)
+    shutil.copytree(DEPLOYMENT / "prometheus" / "rules", rules)
+    for job, groups in _targets(topology).items():
+        path = prometheus_dir / "targets" / f"{job}.json"
+        path.write_text(json.dumps(groups, indent=2) + "\n")
+
+    (stack / "supervisord.conf").write_text(_supervisord(topology))
+    (stack / "supervisord.conf").chmod(0o600)  # it holds the Redis password
