@@ -114,14 +114,29 @@ def _checks(topology: Topology) -> dict[str, Callable[[], bool]]:
 
 def wait_ready(topology: Topology, timeout: float) -> None:
     pending = _checks(topology)
+    replicas = set(topology.replica_names())
     deadline = time.monotonic() + timeout
+    next_status = time.monotonic() + 5
     while pending and time.monotonic() < deadline:
         for name, check in list(pending.items()):
+            if name == "nginx" and replicas & pending.keys():
+                continue  # asked too early, nginx would mark the replicas down
             try:
                 if check():
                     del pending[name]
             except (OSError, httpx.HTTPError, redis.RedisError):
                 pass
+        if time.monotonic() > next_status:
+            # supervisord gives up on a program that keeps dying at start: so do we.
+            next_status = time.monotonic() + 5
+            status = supervisorctl(topology, "status")
+            if "FATAL" in status:
+                pending = {
+                    line.split()[0]: pending.get(line.split()[0], lambda: False)
+                    for line in status.splitlines()
+                    if "FATAL" in line
+                }
+                break
         time.sleep(0.5)
     if pending:
         details = []

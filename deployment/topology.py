@@ -28,8 +28,10 @@ from api.config import Settings
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = ROOT / "deployment"
 HOST = "127.0.0.1"
-# nginx marks a replica down after one failed attempt for this long, then tries it again.
-UPSTREAM_PARAMS = "max_fails=1 fail_timeout=5s"
+# nginx skips a replica for 10 s after 3 failed attempts within 10 s (refused, reset, timed
+# out, 502/503), then tries it again. One failure is not enough: a replica answering 503
+# because a shared dependency is down would otherwise leave nginx with no replica at all.
+UPSTREAM_PARAMS = "max_fails=3 fail_timeout=10s"
 
 
 def _port(env: dict[str, str], name: str, default: int) -> int:
@@ -427,6 +429,10 @@ def render(topology: Topology) -> None:
         stack / "nginx" / "tmp",
         stack / "prometheus" / "targets",
         stack / "prometheus" / "data",
+        *(
+            Path(replica_env(topology, i)["PROMETHEUS_MULTIPROC_DIR"])
+            for i in range(1, topology.replicas + 1)
+        ),
     ):
         directory.mkdir(parents=True, exist_ok=True)
     (stack / "redis.conf").write_text(_redis_conf(topology))

@@ -1,0 +1,311 @@
+"""The native production topology (`make stack`), started for real: supervisord running
+redis-server, `chroma run`, llama.cpp, two gunicorn replicas, nginx, Prometheus and both
+exporters, on free loopback ports under a temporary STACK_DIR."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deployment import stack as native
+from deployment.topology import Topology, render_template
+from tests.servers import free_port, wait_until
+
+QUESTION = {"question": "How do I restore a backup?"}
+
+
+def _consecutive_free_ports(count: int) -> int:
+    for _ in range(100):
+        base = random.randint(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    env = {
+        "STACK_DIR": str(tmp_path_factory.mktemp("stack")),
+        "REPLICAS": "2",
+        # One worker per replica: the machine has two cores to share with the load.
+        "WEB_CONCURRENCY": "1",
+        "API_PORT": str(_consecutive_free_ports(2)),
+        **{
+            name: str(free_port())
+            for name in (
+                "NGINX_PORT",
+                "NGINX_STATUS_PORT",
+                "REDIS_PORT",
+                "CHROMA_PORT",
+                "LLM_PORT",
+                "PROMETHEUS_PORT",
+                "NGINX_EXPORTER_PORT",
+                "REDIS_EXPORTER_PORT",
+            )
+        },
+    }
+    topology = Topology.from_env(env)
+    native.up(topology, timeout=240)
+    try:
+        yield topology
+    finally:
+        assert native.down(topology)
+        # Everything it started is gone: nothing listens on any of its ports.
+        for name, port in topology.ports().items():
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"{name} still listening"
+
+
+def _replica_counts(topology: Topology, route: str) -> dict[str, float]:
+    counts = {}
+    for index, name in enumerate(topology.replica_names(), start=1):
+        text = httpx.get(f"http://127.0.0.1:{topology.replica_port(index)}/metrics").text
+        counts[name] = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "http_server_request_duration_seconds_count"
+            and sample.labels.get("http_route") == route
+        )
+    return counts
+
+
+def _load(url: str, seconds: float, clients: int, body: dict[str, str]) -> list[int]:
+    """Closed-loop POSTs to /query; returns every status code (0 for a transport error)."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while time.monotonic() < stop:
+                try:
+                    status = http.post("/query", json=body).status_code
+                except httpx.HTTPError:
+                    status = 0
+                with lock:
+                    statuses.append(status)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def test_both_replicas_serve_under_concurrent_load(topology: Topology) -> None:
+    httpx.post(f"{topology.url}/query", json=QUESTION, timeout=60)  # cached from here on
+    before = _replica_counts(topology, "/query")
+    statuses = _load(topology.url, 5, 6, QUESTION)
+    after = _replica_counts(topology, "/query")
+    served = {name: after[name] - before[name] for name in after}
+    assert set(statuses) == {200}
+    # Every request counted once, by the replica that served it, and both took a share.
+    assert sum(served.values()) == len(statuses)
+    assert all(count >= 0.2 * len(statuses) for count in served.values()), served
+
+
+def _group_pids(topology: Topology, name: str) -> list[int]:
+    """The replica's gunicorn master and everything under it."""
+    master = int(native.supervisorctl(topology, "pid", name).strip())
+    found = [master]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == master:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_replica_killed_mid_load_costs_no_request_and_comes_back(topology: Topology) -> None:
+    httpx.post(f"{topology.url}/query", json=QUESTION, timeout=60)
+    victims = _group_pids(topology, "api-1")
+    assert len(victims) >= 2  # master and worker
+
+    def kill() -> None:
+        time.sleep(5)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    statuses = _load(topology.url, 20, 4, QUESTION)
+    killer.join()
+    assert len(statuses) > 100
+    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    # supervisord started a new master, which serves again.
+    wait_until(
+        lambda: (
+            int(native.supervisorctl(topology, "pid", "api-1").strip() or 0)
+            not in (
+                0,
+                *victims,
+            )
+        ),
+        60,
+        "api-1 restarted",
+    )
+    url = f"http://127.0.0.1:{topology.replica_port(1)}/ready"
+    wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, 120, "api-1 ready again")
+
+
+def test_sse_through_nginx_arrives_token_by_token(topology: Topology) -> None:
+    question = {"question": f"How is a deployment rolled back? ({uuid.uuid4().hex})"}
+    arrivals: list[float] = []
+    start = time.monotonic()
+    with httpx.stream(
+        "POST", f"{topology.url}/query", json={**question, "stream": True}, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line == "event: token":
+                arrivals.append(time.monotonic() - start)
+            if line == "event: done":
+                break
+    assert len(arrivals) >= 5
+    # Unbuffered: tokens arrive as the model makes them (SmolLM2 here: one every ~10 ms),
+    # not together in one burst at the end, which is what a buffering proxy delivers.
+    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
+    assert gaps[len(gaps) // 2] > 0.003, arrivals
+    assert arrivals[-1] - arrivals[0] > 0.003 * (len(arrivals) - 1), arrivals
+
+
+def _nginx_entry(topology: Topology, request_id: str) -> dict[str, object]:
+    """nginx's access line for a request (written when nginx finishes with it, which for
+    a rejected upload is after it has drained the body)."""
+    found: list[dict[str, object]] = []
+
+    def logged() -> bool:
+        lines = (topology.log_dir / "nginx-access.log").read_text().splitlines()
+        found[:] = [json.loads(x) for x in lines if x.strip() and request_id in x]
+        return bool(found)
+
+    wait_until(logged, 10, f"nginx access line for {request_id}")
+    assert len(found) == 1
+    return found[0]
+
+
+def test_the_edge_rejects_big_bodies_and_hides_metrics(topology: Topology) -> None:
+    too_big = b'{"documents": [{"text": "' + b"x" * (21 * 1024 * 1024) + b'"}]}'
+    response = httpx.post(
+        f"{topology.url}/documents",
+        content=too_big,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert "larger than" in response.json()["detail"]
+    request_id = response.headers["x-request-id"]
+    line = _nginx_entry(topology, request_id)
+    assert line["request_id"] == request_id
+    assert line["upstream_addr"] == ""  # stopped at the edge, no replica saw it
+
+    assert httpx.get(f"{topology.url}/metrics").status_code == 404
+    assert httpx.get(f"{topology.url}/metrics/").status_code == 404
+    direct = httpx.get(f"http://127.0.0.1:{topology.replica_port(1)}/metrics")
+    assert direct.status_code == 200
+
+
+def test_nginx_and_the_api_log_the_same_request_id(topology: Topology) -> None:
+    for given in (None, f"client-{uuid.uuid4().hex}"):
+        headers = {"x-request-id": given} if given else {}
+        response = httpx.post(f"{topology.url}/query", json=QUESTION, headers=headers, timeout=60)
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        assert given is None or request_id == given
+        assert response.headers.get_list("x-request-id") == [request_id]  # once, not twice
+        edge = _nginx_entry(topology, request_id)
+        port = int(str(edge["upstream_addr"]).rsplit(":", 1)[1])
+        replica = topology.replica_names()[port - topology.api_port]
+        api_lines = [
+            json.loads(line)
+            for line in (topology.log_dir / f"{replica}.log").read_text().splitlines()
+            if line.startswith("{") and request_id in line
+        ]
+        assert [(e["event"], e["route"]) for e in api_lines] == [("request", "/query")]
+
+
+def test_prometheus_scrapes_every_target(topology: Topology) -> None:
+    def up() -> dict[str, float]:
+        result = httpx.get(
+            f"{topology.prometheus_url}/api/v1/query", params={"query": "up"}
+        ).json()["data"]["result"]
+        return {
+            f"{r['metric']['job']}/{r['metric'].get('replica', r['metric']['instance'])}": float(
+                r["value"][1]
+            )
+            for r in result
+        }
+
+    expected = {"rag-api/api-1", "rag-api/api-2"}
+    # The first scrapes happen within one scrape interval (15 s) of start-up.
+    wait_until(lambda: len(up()) == 5 and all(v == 1 for v in up().values()), 60, "every target up")
+    targets = up()
+    assert expected <= targets.keys()
+    assert {k.split("/")[0] for k in targets} == {"rag-api", "nginx", "redis", "prometheus"}
+
+
+def test_rendered_configuration_passes_the_tools_own_checks(topology: Topology) -> None:
+    prometheus = topology.stack_dir / "prometheus" / "prometheus.yml"
+    check = subprocess.run(
+        ["promtool", "check", "config", str(prometheus)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    nginx = subprocess.run(
+        [
+            "nginx",
+            "-t",
+            "-p",
+            str(topology.stack_dir / "nginx"),
+            "-c",
+            str(topology.stack_dir / "nginx" / "nginx.conf"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert nginx.returncode == 0, nginx.stderr
+
+
+def test_a_second_stack_on_the_same_ports_is_refused(topology: Topology) -> None:
+    with pytest.raises(native.StackError, match="already running"):
+        native.up(topology)
+
+
+def test_templates_refuse_missing_values_and_ports_must_not_clash() -> None:
+    assert render_template("listen ${NGINX_LISTEN}; $request_id", {"NGINX_LISTEN": "1:2"}) == (
+        "listen 1:2; $request_id"
+    )
+    with pytest.raises(ValueError, match="NGINX_LISTEN"):
+        render_template("listen ${NGINX_LISTEN};", {})
+    with pytest.raises(SystemExit, match="clash"):
+        Topology.from_env({"NGINX_PORT": "9090"})
+    with pytest.raises(SystemExit, match="REPLICAS"):
+        Topology.from_env({"REPLICAS": "0"})
