@@ -157,7 +157,7 @@ class QueryService:
                 "generator": self._generator.id,
             }
             digest = answer_digest(question, params)
-            found = await run_in_threadpool(self._cache.lookup_answer, digest)
+            found = await self._cache.lookup_answer(digest)
             if found is not None:
                 generation, record = found
                 key = answer_key(generation, digest)

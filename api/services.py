@@ -74,7 +74,7 @@ class Services:
     async def aclose(self) -> None:
         await self.generator.aclose()
         if self.cache is not None:
-            self.cache.close()
+            await self.cache.aclose()
         self.store.close()
 
 
