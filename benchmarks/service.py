@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import overhead, streaming
+from benchmarks import overhead, stack, streaming
 from benchmarks.load import closed_loop
 from tests.servers import ROOT, ApiServer, RedisServer
 
@@ -196,6 +196,8 @@ def main() -> None:
     streaming.report(streamed)
     observed = overhead.measure()
     overhead.report(observed)
+    layout = stack.measure()
+    stack.report(layout)
     speedup = results["int8"]["ingest_chunks_per_s"] / base["ingest_chunks_per_s"]
     print(
         f"\ntargets: query embed <= 3 ms: {results['int8']['query_embed_ms']:.2f} ms; "
@@ -211,6 +213,7 @@ def main() -> None:
                 "runtimes": results,
                 "streaming": streamed,
                 "instrumentation_overhead": observed,
+                "stack": layout,
                 "query": queries,
             },
             indent=2,

@@ -9,9 +9,7 @@ drift hits both alike. Everything shares the machine's cores with wrk.
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -102,7 +100,4 @@ def report(result: dict[str, float]) -> None:
 
 
 if __name__ == "__main__":
-    result = measure()
-    report(result)
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps(result, indent=2))
+    report(measure())

@@ -11,6 +11,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -309,3 +310,32 @@ def test_templates_refuse_missing_values_and_ports_must_not_clash() -> None:
         Topology.from_env({"NGINX_PORT": "9090"})
     with pytest.raises(SystemExit, match="REPLICAS"):
         Topology.from_env({"REPLICAS": "0"})
+
+
+def test_the_cli_names_a_busy_port_and_changes_nothing(topology: Topology, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "STACK_DIR": str(tmp_path / "other"),
+        "NGINX_PORT": str(topology.nginx_port),  # held by the running stack's nginx
+    }
+    up = subprocess.run(
+        [sys.executable, "-m", "deployment.stack", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert up.returncode == 1
+    assert f"nginx ({topology.nginx_port})" in up.stderr
+    assert "Traceback" not in up.stderr
+    assert not (tmp_path / "other" / "supervisord.conf").exists()
+    status = subprocess.run(
+        [sys.executable, "-m", "deployment.stack", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert status.returncode == 1 and "no stack running" in status.stdout
