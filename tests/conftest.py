@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -13,7 +15,9 @@ from fastapi.testclient import TestClient
 from api.config import Settings
 from api.embeddings import Embedder
 from api.main import create_app
-from tests.servers import ROOT, ChromaServer, LlamaServer, RedisServer
+from deployment import stack as native
+from deployment.topology import Topology
+from tests.servers import ROOT, ChromaServer, LlamaServer, RedisServer, free_port
 
 # Tracing patches httpx and redis process-wide: in-process test apps must not do that to
 # the test runner's own clients. Tests of tracing run the server as a subprocess.
@@ -95,3 +99,51 @@ def make_client(tmp_path: Path, embedder: Embedder) -> ClientFactory:
 def client(make_client: ClientFactory) -> Iterator[TestClient]:
     with make_client() as c:
         yield c
+
+
+def _consecutive_free_ports(count: int) -> int:
+    for _ in range(100):
+        base = random.randint(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+@pytest.fixture(scope="session")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    """`make stack`'s topology on free ports under a temporary STACK_DIR, once per run."""
+    env = {
+        "STACK_DIR": str(tmp_path_factory.mktemp("stack")),
+        "REPLICAS": "2",
+        # One worker per replica: the machine has two cores to share with the load.
+        "WEB_CONCURRENCY": "1",
+        "API_PORT": str(_consecutive_free_ports(2)),
+        **{
+            name: str(free_port())
+            for name in (
+                "NGINX_PORT",
+                "NGINX_STATUS_PORT",
+                "REDIS_PORT",
+                "CHROMA_PORT",
+                "LLM_PORT",
+                "PROMETHEUS_PORT",
+                "NGINX_EXPORTER_PORT",
+                "REDIS_EXPORTER_PORT",
+            )
+        },
+    }
+    topology = Topology.from_env(env)
+    native.up(topology, timeout=240)
+    try:
+        yield topology
+    finally:
+        assert native.down(topology)
+        # Everything it started is gone: nothing listens on any of its ports.
+        for name, port in topology.ports().items():
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"{name} still listening"

@@ -7,15 +7,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,56 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deployment import stack as native
 from deployment.topology import Topology, render_template
-from tests.servers import free_port, wait_until
+from tests.servers import wait_until
 
 QUESTION = {"question": "How do I restore a backup?"}
-
-
-def _consecutive_free_ports(count: int) -> int:
-    for _ in range(100):
-        base = random.randint(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no run of free ports")
-
-
-@pytest.fixture(scope="module")
-def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    env = {
-        "STACK_DIR": str(tmp_path_factory.mktemp("stack")),
-        "REPLICAS": "2",
-        # One worker per replica: the machine has two cores to share with the load.
-        "WEB_CONCURRENCY": "1",
-        "API_PORT": str(_consecutive_free_ports(2)),
-        **{
-            name: str(free_port())
-            for name in (
-                "NGINX_PORT",
-                "NGINX_STATUS_PORT",
-                "REDIS_PORT",
-                "CHROMA_PORT",
-                "LLM_PORT",
-                "PROMETHEUS_PORT",
-                "NGINX_EXPORTER_PORT",
-                "REDIS_EXPORTER_PORT",
-            )
-        },
-    }
-    topology = Topology.from_env(env)
-    native.up(topology, timeout=240)
-    try:
-        yield topology
-    finally:
-        assert native.down(topology)
-        # Everything it started is gone: nothing listens on any of its ports.
-        for name, port in topology.ports().items():
-            with socket.socket() as sock:
-                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"{name} still listening"
 
 
 def _replica_counts(topology: Topology, route: str) -> dict[str, float]:

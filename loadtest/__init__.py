@@ -1,0 +1,1 @@
+"""The load-testing harness: Locust scenarios, HDR-recorded latencies, reports, SLO gates."""

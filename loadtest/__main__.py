@@ -1,0 +1,182 @@
+"""`make loadtest`: a headless Locust run that writes an honest latency report.
+
+    python -m loadtest run [--target URL] [--users N] [--duration 60s] [--scenario mixed]
+                           [--slo slo.yaml] [--processes N] [--out loadtest/reports]
+    python -m loadtest compare OLD/report.json NEW/report.json [--threshold 0.1]
+
+A run writes loadtest/reports/<UTC time>/ (report.json, report.csv, index.html and its
+plots, Locust's own CSVs) and points loadtest/reports/latest at it. It exits 1 when an SLO
+is breached or Locust could not run, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtest import report as reports
+from loadtest.questions import POPULAR
+from loadtest.scenarios import SCENARIOS
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_TARGET = f"http://127.0.0.1:{os.environ.get('NGINX_PORT', '8080')}"
+
+
+def _duration(text: str) -> str:
+    if not re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", text) or not text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration like 60s, 5m, 1h30m")
+    return text
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="a headless run and its report")
+    run.add_argument("--target", default=DEFAULT_TARGET, help="base URL (default: the stack)")
+    run.add_argument("--users", type=_positive, default=20)
+    run.add_argument(
+        "--spawn-rate", type=float, default=None, help="users/s (default: all at once)"
+    )
+    run.add_argument("--duration", type=_duration, default="60s")
+    run.add_argument("--scenario", choices=sorted(SCENARIOS), default="mixed")
+    run.add_argument("--slo", type=Path, default=None, help="YAML limits; a breach exits 1")
+    run.add_argument(
+        "--processes", type=_positive, default=1, help="Locust worker processes (HDR merged)"
+    )
+    run.add_argument("--out", type=Path, default=HERE / "reports")
+    compare = commands.add_parser("compare", help="two reports side by side")
+    compare.add_argument("old", type=Path)
+    compare.add_argument("new", type=Path)
+    compare.add_argument("--threshold", type=float, default=0.10)
+    return parser
+
+
+def _warm(target: str) -> None:
+    """The popular questions once each, so the cache-hit entry measures hits."""
+    with httpx.Client(base_url=target, timeout=300) as client:
+        for question in POPULAR:
+            client.post("/query", json={"question": question}).raise_for_status()
+
+
+def run(args: argparse.Namespace) -> int:
+    slo = reports.load_slo(args.slo) if args.slo else None
+    try:
+        health = httpx.get(f"{args.target}/health", timeout=5)
+    except httpx.HTTPError as exc:
+        print(
+            f"loadtest: {args.target} does not answer ({exc}); is `make stack` up?", file=sys.stderr
+        )
+        return 1
+    if health.status_code != 200:
+        print(f"loadtest: {args.target}/health answered {health.status_code}", file=sys.stderr)
+        return 1
+    if args.scenario in ("cache-hit", "mixed"):
+        _warm(args.target)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    directory = args.out / stamp
+    directory.mkdir(parents=True, exist_ok=True)
+    raw_path = directory / "raw.json"
+    run_id = uuid.uuid4().hex[:8]
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(HERE / "locustfile.py"),
+        "--headless",
+        "--only-summary",
+        "-u",
+        str(args.users),
+        "-r",
+        str(args.spawn_rate or args.users),
+        "-t",
+        args.duration,
+        "-H",
+        args.target,
+        "--csv",
+        str(directory / "locust"),
+        "--exit-code-on-error",
+        "0",  # failures are judged by the SLO, not by Locust
+        "--stop-timeout",
+        "30",
+        *(["--processes", str(args.processes)] if args.processes > 1 else []),
+        *SCENARIOS[args.scenario],
+    ]
+    env = {
+        **os.environ,
+        "LOADTEST_RUN_ID": run_id,
+        "LOADTEST_RAW": str(raw_path),
+        "LOADTEST_INGEST_EVERY": "10" if args.scenario == "mixed" else "0",
+    }
+    locust = subprocess.run(command, env=env, cwd=HERE.parent, check=False)
+    if locust.returncode != 0 or not raw_path.exists():
+        print(f"loadtest: locust exited {locust.returncode} without results", file=sys.stderr)
+        return 1
+    raw = json.loads(raw_path.read_text())
+    result = reports.build(
+        raw,
+        {
+            "target": args.target,
+            "scenario": args.scenario,
+            "users": args.users,
+            "processes": args.processes,
+            "slo": str(args.slo) if args.slo else None,
+        },
+    )
+    found = reports.breaches(result, slo) if slo else []
+    result["slo_breaches"] = found
+    reports.write(result, raw, directory)
+    latest = args.out / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(stamp)
+    _print(result, directory)
+    if found:
+        print("SLO breached:\n  " + "\n  ".join(found), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print(result: dict[str, Any], directory: Path) -> None:
+    rows = [*result["endpoints"].items(), ("total", result["total"])]
+    header = ["reqs", "fail", "rps", "p50", "p95", "p99", "max"]
+    print(f"\n{'entry':36} {header[0]:>7} {header[1]:>5}", *(f"{h:>8}" for h in header[2:]))
+    for name, f in rows:
+        print(
+            f"{name:36} {f['requests']:7d} {f['failures']:5d} {f['rps']:8.1f} "
+            f"{f['p50']:8.1f} {f['p95']:8.1f} {f['p99']:8.1f} {f['max']:8.1f}"
+        )
+    print(f"(milliseconds; report in {directory})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return run(args)
+        old, new = (json.loads(p.read_text()) for p in (args.old, args.new))
+        table, regressed = reports.compare(old, new, args.threshold)
+        print(table)
+        return 1 if regressed else 0
+    except (ValueError, OSError) as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

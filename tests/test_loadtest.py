@@ -1,0 +1,167 @@
+"""The load-test harness against the real native stack: what it reports must be what the
+servers saw, request for request, and its percentiles what nginx measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from deployment.topology import Topology
+from loadtest import report as reports
+
+
+def _route_count(topology: Topology, route: str) -> float:
+    total = 0.0
+    for index in range(1, topology.replicas + 1):
+        text = httpx.get(f"http://127.0.0.1:{topology.replica_port(index)}/metrics").text
+        total += sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "http_server_request_duration_seconds_count"
+            and sample.labels.get("http_route") == route
+        )
+    return total
+
+
+def _loadtest(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def _percentile(values: list[float], p: float) -> float:
+    """The HDR convention: the smallest value with at least p% of values at or below it."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * p // 100))
+    return ordered[int(rank) - 1]
+
+
+def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path: Path) -> None:
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("total: {p99_ms: 60000, error_rate: 0.01}\n")
+    before = _route_count(topology, "/documents")
+    run = _loadtest(
+        "run",
+        "--target",
+        topology.url,
+        "--scenario",
+        "ingest",
+        "--users",
+        "3",
+        "--duration",
+        "8s",
+        "--processes",
+        "2",
+        "--slo",
+        str(slo),
+        "--out",
+        str(tmp_path / "reports"),
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    served = _route_count(topology, "/documents") - before
+    latest = tmp_path / "reports" / "latest"
+    report = json.loads((latest / "report.json").read_text())
+    for name in ("report.csv", "index.html", "latency_over_time.png", "percentiles.png"):
+        assert (latest / name).stat().st_size > 0
+    assert report["locust_workers"] == 2  # histograms merged from two processes
+    entry = report["endpoints"]["POST /documents"]
+    total = report["total"]
+    assert total["requests"] == entry["requests"] > 20
+    assert abs(total["requests"] - served) <= 0.01 * served
+    assert entry["samples"] == entry["requests"]  # every request in the HDR histogram
+    assert set(report) >= {"total", "endpoints"}
+    assert set(total) >= {"requests", "failures", "rps", "p50", "p90", "p95", "p99", "p999", "max"}
+
+    # The same requests as nginx saw them, found by the run's request ids.
+    prefix = f"lt-{report['run_id']}-ingest-"
+    lines = [
+        json.loads(line)
+        for line in (topology.log_dir / "nginx-access.log").read_text().splitlines()
+        if prefix in line
+    ]
+    assert len(lines) == entry["requests"]
+    edge = [float(line["request_time"]) * 1000 for line in lines]
+    for key, p in (("p50", 50), ("p90", 90), ("p99", 99)):
+        assert abs(entry[key] - _percentile(edge, p)) <= 0.05 * _percentile(edge, p), (
+            key,
+            entry[key],
+            _percentile(edge, p),
+        )
+
+
+def test_an_slo_breach_fails_the_run_and_still_writes_the_report(
+    topology: Topology, tmp_path: Path
+) -> None:
+    slo = tmp_path / "slo.yaml"
+    slo.write_text('total: {p50_ms: 0.001}\n"POST /documents": {error_rate: 0.5}\n')
+    run = _loadtest(
+        "run",
+        "--target",
+        topology.url,
+        "--scenario",
+        "ingest",
+        "--users",
+        "1",
+        "--duration",
+        "2s",
+        "--slo",
+        str(slo),
+        "--out",
+        str(tmp_path / "reports"),
+    )
+    assert run.returncode == 1
+    listed = [line.strip() for line in run.stderr.split("SLO breached:\n", 1)[1].splitlines()]
+    assert len(listed) == 1 and listed[0].startswith("total: p50")  # the error rate held
+    report = json.loads((tmp_path / "reports" / "latest" / "report.json").read_text())
+    assert report["slo_breaches"] == listed
+
+
+def test_bad_input_is_a_clear_error_before_any_load(tmp_path: Path) -> None:
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("total: {p95: 500}\n")
+    run = _loadtest("run", "--slo", str(slo), "--target", "http://127.0.0.1:9")
+    assert run.returncode == 2 and "unknown limit 'p95'" in run.stderr
+    run = _loadtest("run", "--duration", "ten", "--target", "http://127.0.0.1:9")
+    assert run.returncode == 2 and "duration" in run.stderr
+    run = _loadtest("run", "--target", "http://127.0.0.1:9", "--out", str(tmp_path))
+    assert run.returncode == 1 and "does not answer" in run.stderr
+    assert list(tmp_path.iterdir()) == [slo]
+
+
+def _report(rps: float, p99: float, failures: int = 0) -> dict[str, object]:
+    figures = {
+        "requests": 100,
+        "failures": failures,
+        "rps": rps,
+        "p50": 10.0,
+        "p90": 20.0,
+        "p95": 30.0,
+        "p99": p99,
+        "p999": p99,
+        "max": p99,
+    }
+    return {"endpoints": {"POST /query [hit]": figures}, "total": figures}
+
+
+def test_compare_flags_regressions_beyond_the_threshold(tmp_path: Path) -> None:
+    table, regressed = reports.compare(_report(100, 50), _report(95, 54), threshold=0.10)
+    assert not regressed and "WORSE" not in table
+    table, regressed = reports.compare(_report(100, 50), _report(100, 80), threshold=0.10)
+    assert regressed and "p99" in next(line for line in table.splitlines() if "WORSE" in line)
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_report(100, 50)))
+    new.write_text(json.dumps(_report(70, 50, failures=3)))
+    run = _loadtest("compare", str(old), str(new))
+    assert run.returncode == 1
+    worse = {line.split()[-5] for line in run.stdout.splitlines() if line.endswith("WORSE")}
+    assert worse == {"rps", "failures"}
