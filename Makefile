@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := redis-server nginx prometheus prometheus-nginx-exporter prome
 # Packaged services the stack and the tests start themselves, on their own ports.
 PACKAGED_SERVICES := redis-server nginx prometheus prometheus-nginx-exporter prometheus-redis-exporter
 
-.PHONY: help install run test lint format bench model system-deps clean stack stack-down stack-status
+.PHONY: help install run test lint format bench model system-deps clean stack stack-down stack-status loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,16 @@ stack-down:  ## stop everything `make stack` started
 
 stack-status:  ## what `make stack` runs, and since when
 	$(BIN)/python -m deployment.stack status
+
+# make loadtest TARGET=http://127.0.0.1:8080 USERS=20 DURATION=60s SCENARIO=mixed SLO=slo.yaml
+TARGET ?= http://127.0.0.1:$(or $(NGINX_PORT),8080)
+USERS ?= 20
+DURATION ?= 60s
+SCENARIO ?= mixed
+PROCESSES ?= 1
+loadtest: install  ## headless Locust run against TARGET (default: the stack); report in loadtest/reports/latest
+	$(BIN)/python -m loadtest run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
+		--scenario $(SCENARIO) --processes $(PROCESSES) $(if $(SLO),--slo $(SLO))
 
 bench: install $(STAMPS)/dev system-deps  ## embedding, ingest and /query throughput (docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.service

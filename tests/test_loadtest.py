@@ -165,3 +165,8 @@ def test_compare_flags_regressions_beyond_the_threshold(tmp_path: Path) -> None:
     assert run.returncode == 1
     worse = {line.split()[-5] for line in run.stdout.splitlines() if line.endswith("WORSE")}
     assert worse == {"rps", "failures"}
+
+
+def test_the_shipped_example_slo_is_valid() -> None:
+    example = Path(reports.__file__).parent / "slo.example.yaml"
+    assert reports.load_slo(example)["total"] == {"p95_ms": 500, "p99_ms": 1500, "error_rate": 0.01}
