@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := redis-server nginx prometheus prometheus-nginx-exporter prome
 # Packaged services the stack and the tests start themselves, on their own ports.
 PACKAGED_SERVICES := redis-server nginx prometheus prometheus-nginx-exporter prometheus-redis-exporter
 
-.PHONY: help install run test lint format bench model system-deps clean stack stack-down stack-status loadtest
+.PHONY: help install run test lint format bench model system-deps clean stack stack-down stack-status loadtest oom
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -78,6 +78,12 @@ PROCESSES ?= 1
 loadtest: install  ## headless Locust run against TARGET (default: the stack); report in loadtest/reports/latest
 	$(BIN)/python -m loadtest run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
 		--scenario $(SCENARIO) --processes $(PROCESSES) $(if $(SLO),--slo $(SLO))
+
+# make oom LIMIT=1536M WORKERS=2 (add OOM_ARGS=--until-kill to go past 85% to a real kill)
+LIMIT ?= 1536M
+WORKERS ?= 2
+oom: install  ## ramp load on one memory-limited replica until OOM; report in loadtest/reports/oom-latest
+	$(BIN)/python -m loadtest.oom --limit $(LIMIT) --workers $(WORKERS) $(OOM_ARGS)
 
 bench: install $(STAMPS)/dev system-deps  ## embedding, ingest and /query throughput (docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.service

@@ -59,7 +59,7 @@ def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path
         "--users",
         "3",
         "--duration",
-        "8s",
+        "10s",
         "--processes",
         "2",
         "--slo",
@@ -170,3 +170,42 @@ def test_compare_flags_regressions_beyond_the_threshold(tmp_path: Path) -> None:
 def test_the_shipped_example_slo_is_valid() -> None:
     example = Path(reports.__file__).parent / "slo.example.yaml"
     assert reports.load_slo(example)["total"] == {"p95_ms": 500, "p99_ms": 1500, "error_rate": 0.01}
+
+
+def test_the_oom_finder_finds_the_kill_and_the_replica_recovers(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.oom",
+            "--limit",
+            "640M",
+            "--workers",
+            "2",
+            "--stage-seconds",
+            "5",
+            "--stages",
+            "8",
+            "--until-kill",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    latest = tmp_path / "oom-latest"
+    result = json.loads((latest / "oom.json").read_text())
+    assert result["outcome"] == "oom kill"
+    assert result["oom_kills"] >= 1  # the cgroup's own counter
+    assert result["gunicorn_kill_lines"] >= 1  # "was sent SIGKILL! Perhaps out of memory?"
+    assert result["recovered"] is True  # gunicorn replaced the worker; /ready is 200 again
+    breaking = result["breaking_stage"]
+    assert breaking["number"] > 1 and breaking["peak_group_bytes"] <= result["limit_bytes"]
+    assert result["baseline_bytes"] < result["recommended_limit_bytes"]
+    assert result["peak_worker_rss_bytes"] > 100 * 1024 * 1024
+    assert (latest / "index.html").stat().st_size and (latest / "memory.png").stat().st_size
+    # The cgroup is gone afterwards.
+    assert not list(Path("/sys/fs/cgroup/memory").rglob("rag-oom-*"))
