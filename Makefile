@@ -70,6 +70,8 @@ stack-status:  ## what `make stack` runs, and since when
 	$(BIN)/python -m deployment.stack status
 
 # make loadtest TARGET=http://127.0.0.1:8080 USERS=20 DURATION=60s SCENARIO=mixed SLO=slo.yaml
+#   OPEN_ARGS="--arrival-rate 200" (open model) or OPEN_ARGS="--shape breakpoint" (and more:
+#   python -m loadtest run --help)
 TARGET ?= http://127.0.0.1:$(or $(NGINX_PORT),8080)
 USERS ?= 20
 DURATION ?= 60s
@@ -77,7 +79,7 @@ SCENARIO ?= mixed
 PROCESSES ?= 1
 loadtest: install  ## headless Locust run against TARGET (default: the stack); report in loadtest/reports/latest
 	$(BIN)/python -m loadtest run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
-		--scenario $(SCENARIO) --processes $(PROCESSES) $(if $(SLO),--slo $(SLO))
+		--scenario $(SCENARIO) --processes $(PROCESSES) $(if $(SLO),--slo $(SLO)) $(OPEN_ARGS)
 
 # make oom LIMIT=1536M WORKERS=2 (add OOM_ARGS=--until-kill to go past 85% to a real kill)
 LIMIT ?= 1536M

@@ -60,11 +60,31 @@ def _parser() -> argparse.ArgumentParser:
         "--processes", type=_positive, default=1, help="Locust worker processes (HDR merged)"
     )
     run.add_argument("--out", type=Path, default=HERE / "reports")
+    run.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=0.0,
+        help="open model: requests/s on a fixed schedule (USERS is then the sender pool)",
+    )
+    run.add_argument(
+        "--max-late", type=float, default=1.0, help="open model: drop a send this many s late"
+    )
+    run.add_argument(
+        "--shape",
+        choices=["step", "spike", "soak", "breakpoint"],
+        default=None,
+        help="users over time; breakpoint ramps until the SLO's `total` limits break",
+    )
     compare = commands.add_parser("compare", help="two reports side by side")
     compare.add_argument("old", type=Path)
     compare.add_argument("new", type=Path)
     compare.add_argument("--threshold", type=float, default=0.10)
     return parser
+
+
+def _seconds(duration: str) -> float:
+    parts = re.findall(r"(\d+)([hms])", duration)
+    return float(sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts))
 
 
 def _warm(target: str) -> None:
@@ -76,6 +96,12 @@ def _warm(target: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     slo = reports.load_slo(args.slo) if args.slo else None
+    if args.shape == "breakpoint" and not (slo and slo.get("total")):
+        raise ValueError("--shape breakpoint needs --slo with `total` limits to break")
+    if args.shape and args.arrival_rate:
+        raise ValueError("--shape shapes users; with --arrival-rate the rate is the shape")
+    if args.arrival_rate < 0:
+        raise ValueError("--arrival-rate must be positive")
     try:
         health = httpx.get(f"{args.target}/health", timeout=5)
     except httpx.HTTPError as exc:
@@ -116,13 +142,21 @@ def run(args: argparse.Namespace) -> int:
         "--stop-timeout",
         "30",
         *(["--processes", str(args.processes)] if args.processes > 1 else []),
-        *SCENARIOS[args.scenario],
+        *(["OpenModelUser"] if args.arrival_rate else SCENARIOS[args.scenario]),
     ]
     env = {
         **os.environ,
         "LOADTEST_RUN_ID": run_id,
         "LOADTEST_RAW": str(raw_path),
         "LOADTEST_INGEST_EVERY": "10" if args.scenario == "mixed" else "0",
+        "LOADTEST_SCENARIO": args.scenario,
+        "LOADTEST_ARRIVAL_RATE": str(args.arrival_rate / args.processes),
+        "LOADTEST_MAX_LATE": str(args.max_late),
+        "LOADTEST_SHAPE": args.shape or "",
+        "LOADTEST_USERS": str(args.users),
+        "LOADTEST_SECONDS": str(_seconds(args.duration)),
+        "LOADTEST_SPAWN_RATE": str(args.spawn_rate or args.users),
+        "LOADTEST_BREAKPOINT_SLO": json.dumps((slo or {}).get("total", {})),
     }
     locust = subprocess.run(command, env=env, cwd=HERE.parent, check=False)
     if locust.returncode != 0 or not raw_path.exists():
@@ -137,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
             "users": args.users,
             "processes": args.processes,
             "slo": str(args.slo) if args.slo else None,
+            "model": "open" if args.arrival_rate else "closed",
+            "arrival_rate": args.arrival_rate or None,
+            "shape": args.shape,
         },
     )
     found = reports.breaches(result, slo) if slo else []
@@ -162,6 +199,27 @@ def _print(result: dict[str, Any], directory: Path) -> None:
             f"{f['p50']:8.1f} {f['p95']:8.1f} {f['p99']:8.1f} {f['max']:8.1f}"
         )
     print(f"(milliseconds; report in {directory})")
+    generator = result["generator"]
+    if result["model"] == "open":
+        print(
+            f"open model at {result['arrival_rate']}/s: {generator['sent']} sent, "
+            f"{generator['late']} late (> 10 ms), {generator['dropped']} dropped, "
+            f"at most {generator['max_late_s'] * 1000:.0f} ms behind schedule"
+        )
+    if generator["saturated"]:
+        print(
+            f"warning: a Locust process used {generator['busiest_process_cpu']:.0%} of a core: "
+            "the figures measure the load generator too; raise --processes",
+            file=sys.stderr,
+        )
+    if result.get("shape") == "breakpoint" and not result.get("breakpoint"):
+        print("breakpoint: the SLO held through the whole ramp; raise USERS or DURATION")
+    if breakpoint := result.get("breakpoint"):
+        print(
+            f"breakpoint: the SLO broke at {breakpoint['users']} users "
+            f"({'; '.join(breakpoint['breaches'])}); highest sustained rate "
+            f"{breakpoint['max_sustainable_rps']} req/s at {breakpoint['users_at_max']} users"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

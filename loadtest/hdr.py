@@ -45,32 +45,43 @@ class Recorder:
 
     def __init__(self) -> None:
         self._pending: dict[str, HdrHistogram] = {}
+        self._failures: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
 
-    def record(self, name: str, request_type: str, milliseconds: float) -> None:
+    def record(self, name: str, request_type: str, milliseconds: float, failed: bool) -> None:
         hist = self._pending.get(name)
         if hist is None:
             hist = self._pending[name] = histogram()
             self.kinds[name] = request_type
         hist.record_value(min(HIGHEST_US, max(LOWEST_US, round(milliseconds * 1000))))
+        if failed:
+            self._failures[name] = self._failures.get(name, 0) + 1
 
     def take(self) -> dict[str, Any]:
         pending, self._pending = self._pending, {}
+        failures, self._failures = self._failures, {}
         return {
             "histograms": {name: encode(h) for name, h in pending.items()},
+            "failures": failures,
             "kinds": dict(self.kinds),
         }
 
 
 class Aggregate:
-    """The master's view: totals per entry and per reporting interval."""
+    """The master's view: totals per entry and per reporting interval, the load
+    generator's own health, and (for the breakpoint shape) where the SLO broke."""
+
+    WINDOW_S = 3.0
 
     def __init__(self) -> None:
         self.totals: dict[str, HdrHistogram] = {}
         self.kinds: dict[str, str] = {}
-        self.intervals: list[tuple[float, dict[str, HdrHistogram]]] = []
+        self.intervals: list[tuple[float, dict[str, HdrHistogram], int]] = []
+        self.generators: dict[str, list[dict[str, Any]]] = {}  # first and latest report
+        self.breakpoint: dict[str, Any] | None = None
+        self.windows: list[dict[str, Any]] = []
 
-    def add(self, payload: dict[str, Any], at: float | None = None) -> None:
+    def add(self, payload: dict[str, Any], at: float | None = None, source: str = "local") -> None:
         at = time.time() if at is None else at
         self.kinds.update(payload.get("kinds", {}))
         interval: dict[str, HdrHistogram] = {}
@@ -78,19 +89,87 @@ class Aggregate:
             part = decode(text)
             self.totals.setdefault(name, histogram()).add(part)
             interval[name] = part
+        failures = sum(
+            n for name, n in payload.get("failures", {}).items() if self.kinds.get(name) != DERIVED
+        )
         if interval:
-            self.intervals.append((at, interval))
+            self.intervals.append((at, interval, failures))
+        if generator := payload.get("generator"):
+            seen = self.generators.setdefault(source, [generator])
+            seen[1:] = [generator]
+
+    def generator_summary(self) -> dict[str, Any]:
+        """The load generator's own CPU use per process, and the open model's sends."""
+        busiest = 0.0
+        sends = {"sent": 0, "late": 0, "dropped": 0, "max_late_s": 0.0}
+        for reports in self.generators.values():
+            first, last = reports[0], reports[-1]
+            if last["at"] > first["at"]:
+                busiest = max(
+                    busiest,
+                    (last["cpu_seconds"] - first["cpu_seconds"]) / (last["at"] - first["at"]),
+                )
+            for key in ("sent", "late", "dropped"):
+                sends[key] += last.get(key, 0)
+            sends["max_late_s"] = max(sends["max_late_s"], last.get("max_late_s", 0.0))
+        # One Locust process runs on one core: near 100% it measures itself, not the server.
+        return {"busiest_process_cpu": round(busiest, 3), "saturated": busiest > 0.9, **sends}
+
+    def check_breakpoint(self, slo: dict[str, float], users: int) -> None:
+        """Judge the last few seconds against the `total` limits; remember the first breach
+        and the best rate sustained before it."""
+        now = time.time()
+        recent = [(h, f) for at, h, f in self.intervals if now - at <= self.WINDOW_S]
+        merged, failures = histogram(), 0
+        for hists, failed in recent:
+            failures += failed
+            for name, hist in hists.items():
+                if self.kinds.get(name) != DERIVED:
+                    merged.add(hist)
+        count = merged.get_total_count()
+        if count < 20:  # too few to judge
+            return
+        window: dict[str, Any] = {
+            "users": users,
+            "rps": round(count / self.WINDOW_S, 2),
+            "error_rate": failures / count,
+            "max": merged.get_max_value() / 1000,
+            **{
+                name: merged.get_value_at_percentile(p) / 1000
+                for name, p in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("p999", 99.9))
+            },
+        }
+        figures = {f"{k}_ms": window[k] for k in ("p50", "p90", "p95", "p99", "p999", "max")}
+        figures["error_rate"] = window["error_rate"]
+        # min_rps is not judged here: a ramp's early, light seconds would always break it.
+        broken = [
+            f"{key} {figures[key]:.3f} > {limit}"
+            for key, limit in slo.items()
+            if key in figures and figures[key] > limit
+        ]
+        if broken:
+            best = max(self.windows, key=lambda w: w["rps"], default={"rps": 0.0, "users": 0})
+            self.breakpoint = {
+                "users": users,
+                "breaches": broken,
+                "max_sustainable_rps": best["rps"],
+                "users_at_max": best["users"],
+            }
+        elif not broken:
+            self.windows.append(window)
 
     def dump(self, path: Path, extra: dict[str, Any]) -> None:
         path.write_text(
             json.dumps(
                 {
                     **extra,
+                    "generator": self.generator_summary(),
+                    "breakpoint": self.breakpoint,
                     "kinds": self.kinds,
                     "totals": {name: encode(h) for name, h in self.totals.items()},
                     "intervals": [
                         [at, {name: encode(h) for name, h in hists.items()}]
-                        for at, hists in self.intervals
+                        for at, hists, _ in self.intervals
                     ],
                 }
             )

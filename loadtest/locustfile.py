@@ -8,6 +8,14 @@ Scenarios (user classes; `mixed` runs them all by weight):
                    are separate entries
 - IngestUser       small unique documents through POST /documents
 
+Closed model (the default): each user sends its next request when the last returns.
+Open model (LOADTEST_ARRIVAL_RATE requests/s): OpenModelUser sends on a fixed schedule
+whatever the answers' speed, times each request from when it *should* have been sent
+(so a server that stalls is charged for the queue it causes: no coordinated omission),
+and counts sends that went out late or were dropped for being too late.
+
+Load shapes (LOADTEST_SHAPE): step, spike, soak, breakpoint (ramp until the SLO breaks).
+
 Each request carries an X-Request-ID `lt-<run>-<kind>-<pid>-<n>`, so the run's requests
 can be found in nginx's and the API's logs.
 """
@@ -15,23 +23,33 @@ can be found in nginx's and the API's logs.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
+import resource
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gevent
-from locust import FastHttpUser, constant_pacing, events, task
+from locust import FastHttpUser, LoadTestShape, constant_pacing, events, task
+from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from loadtest.hdr import DERIVED, Aggregate, Recorder
 from loadtest.questions import POPULAR, unique_questions
+from loadtest.scenarios import SCENARIOS
 
 RUN_ID = os.environ.get("LOADTEST_RUN_ID", uuid.uuid4().hex[:8])
 RAW_PATH = os.environ.get("LOADTEST_RAW")
+SCENARIO = os.environ.get("LOADTEST_SCENARIO", "mixed")
+ARRIVAL_RATE = float(os.environ.get("LOADTEST_ARRIVAL_RATE", "0"))  # per process
+MAX_LATE_S = float(os.environ.get("LOADTEST_MAX_LATE", "1.0"))
+LATE_S = 0.010  # a send this much behind its schedule is late
+SHAPE = os.environ.get("LOADTEST_SHAPE", "")
 
 _recorder = Recorder()
 _aggregate = Aggregate()
@@ -45,108 +63,246 @@ def _request_id(kind: str) -> dict[str, str]:
     return {"X-Request-ID": f"lt-{RUN_ID}-{kind}-{os.getpid()}-{next(_ids)}"}
 
 
+# --- the requests, shared by the closed-model users and the open-model one.
+# `started` is when timing begins: now for a closed model, the scheduled send time for an
+# open one. Each returns nothing; Locust's request event carries the result.
+def ask_popular(client: FastHttpSession, started: float) -> None:
+    _timed_post(
+        client,
+        started,
+        name="POST /query [hit]",
+        path="/query",
+        body={"question": random.choice(POPULAR)},
+        headers=_request_id("hit"),
+    )
+
+
+def ask_new(client: FastHttpSession, started: float) -> None:
+    _timed_post(
+        client,
+        started,
+        name="POST /query [miss]",
+        path="/query",
+        body={"question": next(_bank)},
+        headers=_request_id("miss"),
+    )
+
+
+def ingest(client: FastHttpSession, started: float) -> None:
+    marker = f"{RUN_ID}-{os.getpid()}-{next(_ids)}"
+    text = (
+        f"Load test note {marker}. The on-call engineer recorded that the cache warmed "
+        "within a minute after the deploy, and that latency returned to its baseline."
+    )
+    body = {"documents": [{"text": text, "source": f"loadtest-{marker}.txt"}]}
+    _timed_post(
+        client,
+        started,
+        name="POST /documents",
+        path="/documents",
+        body=body,
+        headers=_request_id("ingest"),
+    )
+
+
+def ask_streaming(client: FastHttpSession, started: float) -> None:
+    first_token: float | None = None
+    body = b""
+    with client.post(
+        "/query",
+        json={"question": next(_bank), "stream": True},
+        name="POST /query [stream] complete",
+        headers=_request_id("stream"),
+        stream=True,
+        catch_response=True,
+    ) as response:
+        if response.status_code == 200:
+            while chunk := response.stream.read(4096):
+                body += chunk
+                if first_token is None and b"event: token" in body:
+                    first_token = time.perf_counter()
+        # Locust's own figure stops at the headers when streaming: the entry is the whole
+        # answer, to its last byte.
+        response.request_meta["response_time"] = (time.perf_counter() - started) * 1000
+        response.request_meta["response_length"] = len(body)
+        if response.status_code == 200 and b"event: done" not in body:
+            response.failure("stream ended without a done event")
+    if first_token is not None:
+        events.request.fire(
+            request_type=DERIVED,
+            name="POST /query [stream] first token",
+            response_time=(first_token - started) * 1000,
+            response_length=0,
+            exception=None,
+            context={},
+        )
+
+
+def _timed_post(
+    client: FastHttpSession,
+    started: float,
+    *,
+    name: str,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> None:
+    with client.post(path, json=body, name=name, headers=headers, catch_response=True) as r:
+        r.request_meta["response_time"] = (time.perf_counter() - started) * 1000
+
+
+Request = Callable[[FastHttpSession, float], None]
+KINDS: dict[str, tuple[Request, int]] = {
+    # user class name: (request, weight in the mixed scenario)
+    "CacheHitUser": (ask_popular, 6),
+    "CacheMissUser": (ask_new, 2),
+    "StreamingUser": (ask_streaming, 1),
+    "IngestUser": (ingest, 1),
+}
+
+
 class CacheHitUser(FastHttpUser):
-    weight = 6
+    weight = KINDS["CacheHitUser"][1]
 
     @task
-    def ask_popular(self) -> None:
-        self.client.post(
-            "/query",
-            json={"question": random.choice(POPULAR)},
-            name="POST /query [hit]",
-            headers=_request_id("hit"),
-        )
+    def send(self) -> None:
+        ask_popular(self.client, time.perf_counter())
 
 
 class CacheMissUser(FastHttpUser):
-    weight = 2
+    weight = KINDS["CacheMissUser"][1]
 
     @task
-    def ask_new(self) -> None:
-        self.client.post(
-            "/query",
-            json={"question": next(_bank)},
-            name="POST /query [miss]",
-            headers=_request_id("miss"),
-        )
+    def send(self) -> None:
+        ask_new(self.client, time.perf_counter())
 
 
 class StreamingUser(FastHttpUser):
-    weight = 1
+    weight = KINDS["StreamingUser"][1]
 
     @task
-    def ask_streaming(self) -> None:
-        start = time.perf_counter()
-        first_token: float | None = None
-        body = b""
-        with self.client.post(
-            "/query",
-            json={"question": next(_bank), "stream": True},
-            name="POST /query [stream] complete",
-            headers=_request_id("stream"),
-            stream=True,
-            catch_response=True,
-        ) as response:
-            if response.status_code == 200:
-                while chunk := response.stream.read(4096):
-                    body += chunk
-                    if first_token is None and b"event: token" in body:
-                        first_token = time.perf_counter()
-            # Locust's own figure stops at the headers when streaming: the entry is the
-            # whole answer, to its last byte.
-            response.request_meta["response_time"] = (time.perf_counter() - start) * 1000
-            response.request_meta["response_length"] = len(body)
-            if response.status_code == 200 and b"event: done" not in body:
-                response.failure("stream ended without a done event")
-        if first_token is not None:
-            events.request.fire(
-                request_type=DERIVED,
-                name="POST /query [stream] first token",
-                response_time=(first_token - start) * 1000,
-                response_length=0,
-                exception=None,
-                context={},
-            )
+    def send(self) -> None:
+        ask_streaming(self.client, time.perf_counter())
 
 
 class IngestUser(FastHttpUser):
-    weight = 1
+    weight = KINDS["IngestUser"][1]
     # Every upload changes the corpus and so retires every cached answer: in the mixed
     # scenario uploads are paced (LOADTEST_INGEST_EVERY seconds per user), as they are in
     # real use; alone, they run flat out.
     wait_time = constant_pacing(float(os.environ.get("LOADTEST_INGEST_EVERY", "0")))
 
     @task
-    def ingest(self) -> None:
-        marker = f"{RUN_ID}-{os.getpid()}-{next(_ids)}"
-        text = (
-            f"Load test note {marker}. The on-call engineer recorded that the cache warmed "
-            "within a minute after the deploy, and that latency returned to its baseline."
-        )
-        self.client.post(
-            "/documents",
-            json={"documents": [{"text": text, "source": f"loadtest-{marker}.txt"}]},
-            name="POST /documents",
-            headers=_request_id("ingest"),
-        )
+    def send(self) -> None:
+        ingest(self.client, time.perf_counter())
+
+
+# --- the open model
+class _Schedule:
+    """Send slots at a fixed rate for this process, shared by all its users."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.start: float | None = None
+        self.slots = itertools.count()
+        self.late = self.dropped = self.sent = 0
+        self.max_late_s = 0.0
+
+    def next_slot(self) -> float:
+        if self.start is None:
+            self.start = time.perf_counter()
+        return self.start + next(self.slots) / self.rate
+
+
+_schedule = _Schedule(ARRIVAL_RATE) if ARRIVAL_RATE > 0 else None
+_mix = [(KINDS[name][0], KINDS[name][1]) for name in SCENARIOS.get(SCENARIO, [])]
+
+
+class OpenModelUser(FastHttpUser):
+    """One of a pool of senders (the users) serving the schedule: a slot is taken by the
+    first free sender. If none is free in time, the send is late, and its latency counts
+    from the slot, as the waiting client's would."""
+
+    @task
+    def send(self) -> None:
+        assert _schedule is not None
+        slot = _schedule.next_slot()
+        wait = slot - time.perf_counter()
+        if wait > 0:
+            gevent.sleep(wait)
+        behind = time.perf_counter() - slot
+        _schedule.max_late_s = max(_schedule.max_late_s, behind)
+        if behind > MAX_LATE_S:
+            _schedule.dropped += 1  # the generator could not keep up: not sent at all
+            return
+        _schedule.late += behind > LATE_S
+        _schedule.sent += 1
+        request = random.choices([r for r, _ in _mix], weights=[w for _, w in _mix])[0]
+        request(self.client, slot)
+
+
+# --- load shapes
+def _shape_class() -> type[LoadTestShape] | None:
+    if not SHAPE:
+        return None
+    users = int(os.environ["LOADTEST_USERS"])
+    seconds = float(os.environ["LOADTEST_SECONDS"])
+    rate = float(os.environ.get("LOADTEST_SPAWN_RATE", users))
+    slo = json.loads(os.environ.get("LOADTEST_BREAKPOINT_SLO", "{}"))
+
+    class Shape(LoadTestShape):
+        def tick(self) -> tuple[int, float] | None:
+            t = self.get_run_time()
+            if t >= seconds or _aggregate.breakpoint:
+                return None
+            if SHAPE == "step":  # five equal steps up to the peak
+                return max(1, users * (int(t / (seconds / 5)) + 1) // 5), rate
+            if SHAPE == "spike":  # a fifth of the peak, the peak in the middle fifth
+                low = max(1, users // 5)
+                return (users if 0.4 * seconds <= t < 0.6 * seconds else low), rate * 10
+            if SHAPE == "breakpoint":  # a straight ramp until the SLO breaks
+                _aggregate.check_breakpoint(slo, self.runner.user_count if self.runner else 0)
+                return max(1, round(users * t / seconds)), rate
+            return users, rate  # soak: the peak, held
+
+    return Shape
+
+
+if (_shape := _shape_class()) is not None:
+    globals()["Shape"] = _shape  # Locust picks up the one LoadTestShape in this module
 
 
 # --- HDR recording, merged across worker processes
 @events.request.add_listener
-def _on_request(request_type: str, name: str, response_time: float, **_: Any) -> None:
-    _recorder.record(name, request_type, response_time)
+def _on_request(
+    request_type: str, name: str, response_time: float, exception: Any = None, **_: Any
+) -> None:
+    _recorder.record(name, request_type, response_time, failed=exception is not None)
+
+
+def _generator_stats() -> dict[str, Any]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    stats: dict[str, Any] = {"cpu_seconds": usage.ru_utime + usage.ru_stime, "at": time.time()}
+    if _schedule is not None:
+        stats.update(
+            sent=_schedule.sent,
+            late=_schedule.late,
+            dropped=_schedule.dropped,
+            max_late_s=_schedule.max_late_s,
+        )
+    return stats
 
 
 @events.report_to_master.add_listener
 def _to_master(client_id: str, data: dict[str, Any]) -> None:
-    data["hdr"] = _recorder.take()
+    data["hdr"] = {**_recorder.take(), "generator": _generator_stats()}
 
 
 @events.worker_report.add_listener
 def _from_worker(client_id: str, data: dict[str, Any]) -> None:
     if "hdr" in data:
         _workers.add(client_id)
-        _aggregate.add(data["hdr"])
+        _aggregate.add(data["hdr"], source=client_id)
 
 
 @events.init.add_listener
@@ -156,7 +312,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         def rotate() -> None:
             while True:
                 gevent.sleep(3)
-                _aggregate.add(_recorder.take())
+                _aggregate.add({**_recorder.take(), "generator": _generator_stats()})
 
         gevent.spawn(rotate)
 
@@ -179,7 +335,7 @@ def _on_quit(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, WorkerRunner) or RAW_PATH is None:
         return
     if isinstance(environment.runner, LocalRunner):
-        _aggregate.add(_recorder.take())
+        _aggregate.add({**_recorder.take(), "generator": _generator_stats()})
     counts = {
         entry.name: {
             "method": entry.method,

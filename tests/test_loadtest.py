@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployment.topology import Topology
 from loadtest import report as reports
+from loadtest.hdr import Aggregate, encode, histogram
 
 
 def _route_count(topology: Topology, route: str) -> float:
@@ -209,3 +212,82 @@ def test_the_oom_finder_finds_the_kill_and_the_replica_recovers(tmp_path: Path) 
     assert (latest / "index.html").stat().st_size and (latest / "memory.png").stat().st_size
     # The cgroup is gone afterwards.
     assert not list(Path("/sys/fs/cgroup/memory").rglob("rag-oom-*"))
+
+
+def _run_in(tmp_path: Path, topology: Topology, *args: str) -> tuple[int, dict[str, Any], str]:
+    out = tmp_path / "reports"
+    run = _loadtest("run", "--target", topology.url, "--out", str(out), *args)
+    report = json.loads((out / "latest" / "report.json").read_text())
+    return run.returncode, report, run.stdout + run.stderr
+
+
+def test_the_open_model_keeps_its_schedule_and_charges_the_queue(
+    topology: Topology, tmp_path: Path
+) -> None:
+    code, report, output = _run_in(
+        tmp_path, topology, "--scenario", "cache-hit", "--arrival-rate", "40", "--users", "4",
+        "--duration", "5s",
+    )  # fmt: skip
+    assert code == 0, output[-2000:]
+    sent = report["generator"]["sent"]
+    assert report["model"] == "open" and report["total"]["requests"] == sent
+    assert abs(sent - 200) <= 10  # 40/s for 5 s
+    assert report["generator"]["dropped"] == 0
+    # Overload: 2 senders cannot keep 2000/s. Sends fall behind, the hopeless ones are
+    # dropped, and latency counts from the scheduled time, queue included.
+    code, report, output = _run_in(
+        tmp_path / "over", topology, "--scenario", "cache-hit", "--arrival-rate", "2000",
+        "--users", "2", "--duration", "4s", "--max-late", "0.2",
+    )  # fmt: skip
+    assert code == 0, output[-2000:]
+    generator = report["generator"]
+    assert generator["dropped"] > 0 and generator["late"] > 0.5 * generator["sent"]
+    assert report["total"]["p50"] > 100  # a cached answer takes ~5 ms; the rest is queue
+    assert "dropped" in output
+
+
+def test_the_step_shape_adds_users_in_steps(topology: Topology, tmp_path: Path) -> None:
+    code, _, output = _run_in(
+        tmp_path, topology, "--scenario", "cache-hit", "--shape", "step", "--users", "5",
+        "--duration", "10s",
+    )  # fmt: skip
+    assert code == 0, output[-2000:]
+    history = (tmp_path / "reports" / "latest" / "locust_stats_history.csv").read_text()
+    counts = [int(line.split(",")[1]) for line in history.splitlines()[1:] if line]
+    steps = [c for i, c in enumerate(counts) if c and (i == 0 or c != counts[i - 1])]
+    assert steps == [1, 2, 3, 4, 5], counts
+
+
+def test_the_breakpoint_shape_stops_when_the_slo_breaks(topology: Topology, tmp_path: Path) -> None:
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("total: {p50_ms: 0.001}\n")  # broken as soon as it is judged
+    code, report, output = _run_in(
+        tmp_path, topology, "--scenario", "cache-hit", "--shape", "breakpoint", "--users", "20",
+        "--duration", "60s", "--slo", str(slo),
+    )  # fmt: skip
+    assert code == 1
+    assert report["breakpoint"]["breaches"][0].startswith("p50_ms")
+    assert report["duration_s"] < 30  # stopped at the breach, not after the full ramp
+    assert "breakpoint: the SLO broke" in output
+
+
+def test_breakpoint_judgement_remembers_the_best_rate_before_the_breach() -> None:
+    aggregate = Aggregate()
+    now = time.time()
+
+    def window(ms: float, count: int, at: float) -> None:
+        hist = histogram()
+        for _ in range(count):
+            hist.record_value(int(ms * 1000))
+        aggregate.add({"histograms": {"q": encode(hist)}, "kinds": {"q": "POST"}}, at=at)
+
+    window(5, 300, now)  # 100 req/s at 5 ms: fine
+    aggregate.check_breakpoint({"p99_ms": 50}, users=10)
+    assert aggregate.breakpoint is None
+    aggregate.intervals.clear()
+    window(80, 450, now)  # 150 req/s at 80 ms: broken
+    aggregate.check_breakpoint({"p99_ms": 50}, users=15)
+    assert aggregate.breakpoint is not None
+    (breach,) = aggregate.breakpoint.pop("breaches")
+    assert breach.startswith("p99_ms 80.0") and breach.endswith("> 50")  # HDR: within 0.1%
+    assert aggregate.breakpoint == {"users": 15, "max_sustainable_rps": 100.0, "users_at_max": 10}
