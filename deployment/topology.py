@@ -211,6 +211,8 @@ def _targets(topology: Topology) -> dict[str, list[dict[str, object]]]:
         "nginx": [{"targets": [f"{HOST}:{topology.nginx_exporter_port}"]}],
         "redis": [{"targets": [f"{HOST}:{topology.redis_exporter_port}"]}],
         "prometheus": [{"targets": [f"{HOST}:{topology.prometheus_port}"]}],
+        # Filled in by a running `make loadtest` (loadtest/live.py), emptied when it ends.
+        "loadtest": [],
     }
 
 

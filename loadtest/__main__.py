@@ -70,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
         "--max-late", type=float, default=1.0, help="open model: drop a send this many s late"
     )
     run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9646,
+        help="the harness's live metrics for Prometheus (0: any free port)",
+    )
+    run.add_argument(
+        "--prometheus-targets",
+        type=Path,
+        default=Path(os.environ.get("STACK_DIR", HERE.parent / "var")) / "prometheus" / "targets",
+        help="file_sd directory of the stack's Prometheus, told about this run (if it exists)",
+    )
+    run.add_argument(
         "--shape",
         choices=["step", "spike", "soak", "breakpoint"],
         default=None,
@@ -157,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
         "LOADTEST_SECONDS": str(_seconds(args.duration)),
         "LOADTEST_SPAWN_RATE": str(args.spawn_rate or args.users),
         "LOADTEST_BREAKPOINT_SLO": json.dumps((slo or {}).get("total", {})),
+        "LOADTEST_METRICS_PORT": str(args.metrics_port),
+        "LOADTEST_TARGETS_DIR": str(args.prometheus_targets),
     }
     locust = subprocess.run(command, env=env, cwd=HERE.parent, check=False)
     if locust.returncode != 0 or not raw_path.exists():

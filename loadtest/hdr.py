@@ -98,6 +98,15 @@ class Aggregate:
             seen = self.generators.setdefault(source, [generator])
             seen[1:] = [generator]
 
+    def recent(self, seconds: float) -> dict[str, HdrHistogram]:
+        """Each entry's latencies over the last `seconds`, merged."""
+        now, merged = time.time(), dict[str, HdrHistogram]()
+        for at, hists, _ in self.intervals:
+            if now - at <= seconds:
+                for name, hist in hists.items():
+                    merged.setdefault(name, histogram()).add(hist)
+        return merged
+
     def generator_summary(self) -> dict[str, Any]:
         """The load generator's own CPU use per process, and the open model's sends."""
         busiest = 0.0

@@ -39,6 +39,7 @@ from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
+from loadtest import live
 from loadtest.hdr import DERIVED, Aggregate, Recorder
 from loadtest.questions import POPULAR, unique_questions
 from loadtest.scenarios import SCENARIOS
@@ -55,6 +56,7 @@ _recorder = Recorder()
 _aggregate = Aggregate()
 _times: dict[str, float] = {}
 _workers: set[str] = set()
+_announced: list[Path | None] = []
 _ids = itertools.count()
 _bank = unique_questions(f"{RUN_ID}-{os.getpid()}")
 
@@ -307,6 +309,19 @@ def _from_worker(client_id: str, data: dict[str, Any]) -> None:
 
 @events.init.add_listener
 def _on_init(environment: Environment, **_: Any) -> None:
+    if not isinstance(environment.runner, WorkerRunner):
+        collector = live.LiveCollector(
+            lambda: [
+                (e.name, e.num_requests, e.num_failures) for e in environment.stats.entries.values()
+            ],
+            lambda: environment.runner.user_count if environment.runner else 0,
+            _aggregate,
+            RUN_ID,
+        )
+        port = live.serve(collector, int(os.environ.get("LOADTEST_METRICS_PORT", "0")))
+        _times["metrics_port"] = port
+        targets = os.environ.get("LOADTEST_TARGETS_DIR")
+        _announced.append(live.announce(Path(targets) if targets else None, port, RUN_ID))
     if isinstance(environment.runner, LocalRunner):
         # No master to report to: move figures into the aggregate on the same rhythm.
         def rotate() -> None:
@@ -332,7 +347,11 @@ def _on_stop(environment: Environment, **_: Any) -> None:
 @events.quitting.add_listener
 def _on_quit(environment: Environment, **_: Any) -> None:
     """The master (or the lone local process) writes the run's raw figures."""
-    if isinstance(environment.runner, WorkerRunner) or RAW_PATH is None:
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    for path in _announced:
+        live.withdraw(path)
+    if RAW_PATH is None:
         return
     if isinstance(environment.runner, LocalRunner):
         _aggregate.add({**_recorder.take(), "generator": _generator_stats()})
@@ -352,5 +371,6 @@ def _on_quit(environment: Environment, **_: Any) -> None:
             "stopped": _times.get("stop", time.time()),
             "counts": counts,
             "workers": len(_workers) if isinstance(environment.runner, MasterRunner) else 1,
+            "metrics_port": _times.get("metrics_port"),
         },
     )

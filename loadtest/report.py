@@ -63,6 +63,7 @@ def build(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         "duration_s": round(seconds, 3),
         "locust_workers": raw.get("workers", 1),
         "generator": raw.get("generator", {}),
+        "metrics_port": raw.get("metrics_port"),
         "breakpoint": raw.get("breakpoint"),
         "endpoints": endpoints,
         "total": _figures(total_hist, total_requests, total_failures, seconds),

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deployment.topology import Topology
 from loadtest import report as reports
 from loadtest.hdr import Aggregate, encode, histogram
+from tests.servers import wait_until
 
 
 def _route_count(topology: Topology, route: str) -> float:
@@ -291,3 +292,42 @@ def test_breakpoint_judgement_remembers_the_best_rate_before_the_breach() -> Non
     (breach,) = aggregate.breakpoint.pop("breaches")
     assert breach.startswith("p99_ms 80.0") and breach.endswith("> 50")  # HDR: within 0.1%
     assert aggregate.breakpoint == {"users": 15, "max_sustainable_rps": 100.0, "users_at_max": 10}
+
+
+def test_a_run_shows_up_live_in_the_stacks_prometheus(topology: Topology, tmp_path: Path) -> None:
+    targets = topology.stack_dir / "prometheus" / "targets"
+    run = subprocess.Popen(
+        [
+            sys.executable, "-m", "loadtest", "run", "--target", topology.url,
+            "--scenario", "cache-hit", "--users", "2", "--duration", "25s",
+            "--metrics-port", "0", "--prometheus-targets", str(targets),
+            "--out", str(tmp_path / "reports"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+    def sent() -> float:
+        result = httpx.get(
+            f"{topology.prometheus_url}/api/v1/query",
+            params={"query": 'sum(loadtest_requests_total{job="loadtest"})'},
+        ).json()["data"]["result"]
+        return float(result[0]["value"][1]) if result else 0.0
+
+    try:
+        wait_until(lambda: sent() > 0, 40, "the load test's metrics in Prometheus")
+        users = httpx.get(
+            f"{topology.prometheus_url}/api/v1/query", params={"query": "loadtest_users"}
+        ).json()["data"]["result"]
+        assert [float(r["value"][1]) for r in users] == [2.0]
+        output, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output[-2000:]
+    report = json.loads((tmp_path / "reports" / "latest" / "report.json").read_text())
+    # While running it was announced; now the file says there is nothing to scrape.
+    assert json.loads((targets / "loadtest.json").read_text()) == []
+    assert report["metrics_port"] > 0
+    assert sent() <= report["total"]["requests"]
