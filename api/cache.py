@@ -22,6 +22,7 @@ import redis
 import redis.asyncio
 import structlog
 from opentelemetry.trace import Span, SpanKind
+from starlette.concurrency import run_in_threadpool
 
 from api import telemetry
 from api.embeddings import Vectors
@@ -105,8 +106,11 @@ class Cache:
         return self._up
 
     async def aclose(self) -> None:
-        await self._aredis.aclose()
-        self.close()
+        try:
+            await self._aredis.aclose()
+        finally:
+            # Off the event loop: close() joins the probe and may write to Redis.
+            await run_in_threadpool(self.close)
 
     def close(self) -> None:
         self._stop.set()

@@ -42,10 +42,14 @@ class StackError(RuntimeError):
 
 
 def _supervisord_pid(topology: Topology) -> int | None:
+    """The pid of this stack's supervisord, if it runs: a stale pid file whose number now
+    belongs to another process must not be signalled."""
     try:
         pid = int((topology.run_dir / "supervisord.pid").read_text())
-        os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
+        return None
+    if b"supervisord" not in cmdline or str(_conf(topology)).encode() not in cmdline:
         return None
     return pid
 

@@ -22,6 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from api.config import Settings
 
@@ -29,8 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = ROOT / "deployment"
 HOST = "127.0.0.1"
 # nginx skips a replica for 10 s after 3 failed attempts within 10 s (refused, reset, timed
-# out, 502/503), then tries it again. One failure is not enough: a replica answering 503
-# because a shared dependency is down would otherwise leave nginx with no replica at all.
+# out, 502), then tries it again: one reset connection does not take a replica out.
 UPSTREAM_PARAMS = "max_fails=3 fail_timeout=10s"
 
 
@@ -128,16 +128,17 @@ class Topology:
     def redis_password(self) -> str:
         """REDIS_PASSWORD, or one made on first start and kept (0600) under STACK_DIR."""
         if given := os.environ.get("REDIS_PASSWORD"):
+            if any(c.isspace() for c in given) or not given.isprintable():
+                raise SystemExit("REDIS_PASSWORD: printable characters only, no spaces")
             return given
         path = self.stack_dir / "redis" / "password"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(24))
+            write_private(path, secrets.token_urlsafe(24))
         return path.read_text().strip()
 
     def redis_url(self) -> str:
-        return f"redis://:{self.redis_password()}@{HOST}:{self.redis_port}/0"
+        return f"redis://:{quote(self.redis_password(), safe='')}@{HOST}:{self.redis_port}/0"
 
 
 # --- rendering
@@ -221,7 +222,7 @@ def _redis_conf(topology: Topology) -> str:
 bind {HOST}
 port {topology.redis_port}
 protected-mode yes
-requirepass {topology.redis_password()}
+requirepass {json.dumps(topology.redis_password())}
 dir {topology.stack_dir / "redis"}
 appendonly yes
 appendfsync everysec
@@ -266,7 +267,16 @@ def _bare_env(extra: dict[str, str]) -> list[str]:
 
 
 def _environment(env: dict[str, str]) -> str:
-    return ",".join(f"{k}={json.dumps(v)}" for k, v in env.items())
+    # supervisord expands %(name)s in its values: a literal % is written %%.
+    return ",".join(f"{k}={json.dumps(v).replace('%', '%%')}" for k, v in env.items())
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from the first byte (it holds a password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text)
 
 
 def replica_env(topology: Topology, index: int) -> dict[str, str]:
@@ -437,13 +447,11 @@ def render(topology: Topology) -> None:
         ),
     ):
         directory.mkdir(parents=True, exist_ok=True)
-    (stack / "redis.conf").write_text(_redis_conf(topology))
-    (stack / "redis.conf").chmod(0o600)
-    passwords = _redis_password_file(topology)
-    passwords.write_text(
-        json.dumps({f"redis://{HOST}:{topology.redis_port}": topology.redis_password()})
+    write_private(stack / "redis.conf", _redis_conf(topology))
+    write_private(
+        _redis_password_file(topology),
+        json.dumps({f"redis://{HOST}:{topology.redis_port}": topology.redis_password()}),
     )
-    passwords.chmod(0o600)
 
     template = (DEPLOYMENT / "nginx" / "rag.conf.template").read_text()
     access_log = str(topology.log_dir / "nginx-access.log")
@@ -461,5 +469,4 @@ def render(topology: Topology) -> None:
         path = prometheus_dir / "targets" / f"{job}.json"
         path.write_text(json.dumps(groups, indent=2) + "\n")
 
-    (stack / "supervisord.conf").write_text(_supervisord(topology))
-    (stack / "supervisord.conf").chmod(0o600)  # it holds the Redis password
+    write_private(stack / "supervisord.conf", _supervisord(topology))  # holds the password

@@ -76,7 +76,9 @@ class Aggregate:
     def __init__(self) -> None:
         self.totals: dict[str, HdrHistogram] = {}
         self.kinds: dict[str, str] = {}
-        self.intervals: list[tuple[float, dict[str, HdrHistogram], int]] = []
+        # Kept encoded (~100 bytes each): decoded, a histogram is ~200 KB, and an hour's
+        # soak has thousands of intervals.
+        self.intervals: list[tuple[float, dict[str, str], int]] = []
         self.generators: dict[str, list[dict[str, Any]]] = {}  # first and latest report
         self.breakpoint: dict[str, Any] | None = None
         self.windows: list[dict[str, Any]] = []
@@ -84,11 +86,10 @@ class Aggregate:
     def add(self, payload: dict[str, Any], at: float | None = None, source: str = "local") -> None:
         at = time.time() if at is None else at
         self.kinds.update(payload.get("kinds", {}))
-        interval: dict[str, HdrHistogram] = {}
+        interval: dict[str, str] = {}
         for name, text in payload.get("histograms", {}).items():
-            part = decode(text)
-            self.totals.setdefault(name, histogram()).add(part)
-            interval[name] = part
+            self.totals.setdefault(name, histogram()).add(decode(text))
+            interval[name] = text
         failures = sum(
             n for name, n in payload.get("failures", {}).items() if self.kinds.get(name) != DERIVED
         )
@@ -101,10 +102,11 @@ class Aggregate:
     def recent(self, seconds: float) -> dict[str, HdrHistogram]:
         """Each entry's latencies over the last `seconds`, merged."""
         now, merged = time.time(), dict[str, HdrHistogram]()
-        for at, hists, _ in self.intervals:
-            if now - at <= seconds:
-                for name, hist in hists.items():
-                    merged.setdefault(name, histogram()).add(hist)
+        for at, hists, _ in reversed(self.intervals):
+            if now - at > seconds:
+                break
+            for name, text in hists.items():
+                merged.setdefault(name, histogram()).decode_and_add(text)
         return merged
 
     def generator_summary(self) -> dict[str, Any]:
@@ -132,9 +134,9 @@ class Aggregate:
         merged, failures = histogram(), 0
         for hists, failed in recent:
             failures += failed
-            for name, hist in hists.items():
+            for name, text in hists.items():
                 if self.kinds.get(name) != DERIVED:
-                    merged.add(hist)
+                    merged.decode_and_add(text)
         count = merged.get_total_count()
         if count < 20:  # too few to judge
             return
@@ -176,10 +178,7 @@ class Aggregate:
                     "breakpoint": self.breakpoint,
                     "kinds": self.kinds,
                     "totals": {name: encode(h) for name, h in self.totals.items()},
-                    "intervals": [
-                        [at, {name: encode(h) for name, h in hists.items()}]
-                        for at, hists, _ in self.intervals
-                    ],
+                    "intervals": [[at, hists] for at, hists, _ in self.intervals],
                 }
             )
         )

@@ -86,14 +86,14 @@ def serve(collector: LiveCollector, port: int) -> int:
     return bound
 
 
-def announce(targets_dir: Path | None, port: int, run_id: str) -> Path | None:
+def announce(targets_dir: Path | None, port: int) -> Path | None:
     """Tell the stack's Prometheus (file_sd) where this run's metrics are."""
     if targets_dir is None or not targets_dir.is_dir():
         return None
     path = targets_dir / "loadtest.json"
-    groups: list[dict[str, Any]] = [
-        {"targets": [f"127.0.0.1:{port}"], "labels": {"run_id": run_id}}
-    ]
+    # No target labels: the metrics carry run_id themselves (a target label of the same
+    # name would push theirs aside as exported_run_id).
+    groups: list[dict[str, Any]] = [{"targets": [f"127.0.0.1:{port}"]}]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(groups))
     tmp.replace(path)  # file_sd must never read a half-written file

@@ -29,7 +29,7 @@ import random
 import resource
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,16 @@ _times: dict[str, float] = {}
 _workers: set[str] = set()
 _announced: list[Path | None] = []
 _ids = itertools.count()
-_bank = unique_questions(f"{RUN_ID}-{os.getpid()}")
+_banks: dict[int, Iterator[str]] = {}
+
+
+def _next_question() -> str:
+    """A question no other process asks: Locust imports this file before it forks its
+    worker processes, so the bank is made per process, on first use."""
+    pid = os.getpid()
+    if pid not in _banks:
+        _banks[pid] = unique_questions(f"{RUN_ID}-{pid}")
+    return next(_banks[pid])
 
 
 def _request_id(kind: str) -> dict[str, str]:
@@ -85,7 +94,7 @@ def ask_new(client: FastHttpSession, started: float) -> None:
         started,
         name="POST /query [miss]",
         path="/query",
-        body={"question": next(_bank)},
+        body={"question": _next_question()},
         headers=_request_id("miss"),
     )
 
@@ -112,22 +121,27 @@ def ask_streaming(client: FastHttpSession, started: float) -> None:
     body = b""
     with client.post(
         "/query",
-        json={"question": next(_bank), "stream": True},
+        json={"question": _next_question(), "stream": True},
         name="POST /query [stream] complete",
         headers=_request_id("stream"),
         stream=True,
         catch_response=True,
     ) as response:
-        if response.status_code == 200:
-            while chunk := response.stream.read(4096):
-                body += chunk
-                if first_token is None and b"event: token" in body:
-                    first_token = time.perf_counter()
+        broken = False
+        try:
+            if response.status_code == 200:
+                while chunk := response.stream.read(4096):
+                    body += chunk
+                    if first_token is None and b"event: token" in body:
+                        first_token = time.perf_counter()
+        except Exception as exc:  # reset, timeout, a killed worker: a failed request
+            broken = True
+            response.failure(f"stream broke: {exc!r}")
         # Locust's own figure stops at the headers when streaming: the entry is the whole
         # answer, to its last byte.
         response.request_meta["response_time"] = (time.perf_counter() - started) * 1000
         response.request_meta["response_length"] = len(body)
-        if response.status_code == 200 and b"event: done" not in body:
+        if response.status_code == 200 and not broken and b"event: done" not in body:
             response.failure("stream ended without a done event")
     if first_token is not None:
         events.request.fire(
@@ -235,7 +249,9 @@ class OpenModelUser(FastHttpUser):
         behind = time.perf_counter() - slot
         _schedule.max_late_s = max(_schedule.max_late_s, behind)
         if behind > MAX_LATE_S:
-            _schedule.dropped += 1  # the generator could not keep up: not sent at all
+            # Every sender was still waiting on the server (or the generator is out of
+            # CPU): not sent at all, and counted against the run's error rate.
+            _schedule.dropped += 1
             return
         _schedule.late += behind > LATE_S
         _schedule.sent += 1
@@ -321,7 +337,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         port = live.serve(collector, int(os.environ.get("LOADTEST_METRICS_PORT", "0")))
         _times["metrics_port"] = port
         targets = os.environ.get("LOADTEST_TARGETS_DIR")
-        _announced.append(live.announce(Path(targets) if targets else None, port, RUN_ID))
+        _announced.append(live.announce(Path(targets) if targets else None, port))
     if isinstance(environment.runner, LocalRunner):
         # No master to report to: move figures into the aggregate on the same rhythm.
         def rotate() -> None:

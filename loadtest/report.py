@@ -56,6 +56,10 @@ def build(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
             total_hist.add(totals[name])
             total_requests += requests
             total_failures += failures
+    total = _figures(total_hist, total_requests, total_failures, seconds)
+    # Open model: sends dropped for being hopelessly late never reached the server, but a
+    # client was waiting for each. They count against the run's error rate.
+    total["dropped"] = int(raw.get("generator", {}).get("dropped", 0))
     return {
         **meta,
         "run_id": raw.get("run_id"),
@@ -66,7 +70,7 @@ def build(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         "metrics_port": raw.get("metrics_port"),
         "breakpoint": raw.get("breakpoint"),
         "endpoints": endpoints,
-        "total": _figures(total_hist, total_requests, total_failures, seconds),
+        "total": total,
     }
 
 
@@ -102,7 +106,9 @@ def breaches(report: dict[str, Any], slo: dict[str, dict[str, float]]) -> list[s
             continue
         for key, limit in limits.items():
             if key == "error_rate":
-                actual = figures["failures"] / figures["requests"] if figures["requests"] else 0
+                dropped = figures.get("dropped", 0)
+                asked = figures["requests"] + dropped
+                actual = (figures["failures"] + dropped) / asked if asked else 0
                 if actual > limit:
                     found.append(f"{scope}: error rate {actual:.4f} > {limit}")
             elif key == "min_rps":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -16,7 +17,7 @@ from opentelemetry.util.types import AnyValue
 
 from api.telemetry import relay
 from tests.otlp import OtlpReceiver
-from tests.servers import wait_until
+from tests.servers import ApiServer, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -93,3 +94,32 @@ def test_links_survive():
     link: Link = back[0].links[0]
     assert link.context.span_id == spans[1].context.span_id
     assert dict(link.attributes or {}) == {"why": "test"}
+
+
+def test_a_stopping_server_still_delivers_its_last_spans(tmp_path: Path) -> None:
+    """The batch processor holds spans for 5 s; a replica stopped sooner must flush them
+    through the relay, and the relay must send them on before it goes."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    server = ApiServer(
+        tmp_path,
+        "flush",
+        GENERATOR="extractive",
+        OTEL_SDK_DISABLED="false",
+        OTEL_TRACES_SAMPLER="always_on",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_SERVICE_NAME="rag-api-flush",
+    )
+    try:
+        server.start()
+        response = httpx.post(
+            f"{server.base}/query", json={"question": "How do I restore a backup?"}, timeout=60
+        )
+        assert response.status_code == 200
+        server.stop()  # SIGTERM, well inside the processor's 5 s delay
+        assert any(
+            s.name == "POST /query" and s.service == "rag-api-flush" for s in receiver.spans
+        ), [s.name for s in receiver.spans]
+    finally:
+        server.stop()
+        receiver.stop()

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -283,10 +284,14 @@ def start_background(interval: float = 5.0) -> None:
 
     def loop() -> None:
         while True:
-            sample_process()
-            for _ in range(int(interval)):
-                EXEMPLARS.flush()
-                time.sleep(1.0)
+            try:
+                sample_process()
+                for _ in range(int(interval)):
+                    EXEMPLARS.flush()
+                    time.sleep(1.0)
+            except OSError as exc:  # a full tmpfs, say: keep trying, do not die silently
+                structlog.get_logger(__name__).warning("metrics sampling failed", error=str(exc))
+                time.sleep(interval)
 
     sample_process()
     _background = threading.Thread(target=loop, name="metrics", daemon=True)

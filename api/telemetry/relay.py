@@ -21,6 +21,7 @@ links, scope_name, scope_version], ...]}` with ids as hex.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -87,9 +88,12 @@ def encode(spans: Sequence[ReadableSpan]) -> bytes:
 
 class RelaySpanExporter(SpanExporter):
     """A SpanExporter for the SDK's BatchSpanProcessor that writes to the relay's socket.
-    A batch that cannot be delivered is dropped (and said so, once a minute at most)."""
+    A batch that cannot be delivered is dropped (and said so, once a minute at most). The
+    relay is not restarted if it dies: tracing stops until the replica restarts, and the
+    workers' logs say so. The short timeout keeps a hung relay from holding a worker's
+    shutdown past gunicorn's graceful timeout."""
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
+    def __init__(self, path: str, timeout: float = 3.0) -> None:
         self._path = path
         self._timeout = timeout
         self._sock: socket.socket | None = None
@@ -97,7 +101,7 @@ class RelaySpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         frame = encode(spans)
-        for attempt in (1, 2):  # one reconnect: the relay may have restarted
+        for attempt in (1, 2):  # one reconnect: the connection may have gone stale
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -211,7 +215,10 @@ class _Connection(socketserver.BaseRequestHandler):
 
 
 class _RelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    # server_close() waits for every connection to reach EOF: a worker's last batch,
+    # sent as it exits, is read and exported before the relay goes.
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, path: str, exporter: SpanExporter) -> None:
         self.exporter = exporter
@@ -235,8 +242,8 @@ def serve(path: str, exporter: SpanExporter | None = None) -> None:
     while not stop.wait(1.0):
         if os.getppid() != parent:
             break
-    server.shutdown()
-    server.server_close()
+    server.shutdown()  # no new connections
+    server.server_close()  # the open ones drained to EOF (their workers have exited)
     exporter.shutdown()
 
 
@@ -250,12 +257,18 @@ class Relay:
         self.path = str(Path(self.directory, "relay.sock"))
         # Not a worker: it must not publish worker metrics into the shared directory.
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        # Its own session: a supervisor stopping the master's process group must not stop
+        # the relay before the workers have flushed into it. The master stops it last
+        # (gunicorn's on_exit); if the master dies, the relay sees its parent gone and exits.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "api.telemetry.relay", self.path], env=env
+            [sys.executable, "-m", "api.telemetry.relay", self.path],
+            env=env,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while not os.path.exists(self.path):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError("span relay did not start")
             time.sleep(0.05)
 
@@ -267,8 +280,7 @@ class Relay:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        Path(self.path).unlink(missing_ok=True)
-        os.rmdir(self.directory)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 if __name__ == "__main__":
