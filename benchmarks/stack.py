@@ -17,38 +17,16 @@ import httpx
 
 from benchmarks.wrk import wrk
 from deployment import stack as native
-from deployment.topology import Topology
-from tests.servers import free_port
+from tests.servers import stack_on_free_ports
 
 QUESTION: dict[str, object] = {"question": "How do I restore a backup?"}
-PORT_NAMES = (
-    "NGINX_PORT",
-    "NGINX_STATUS_PORT",
-    "REDIS_PORT",
-    "CHROMA_PORT",
-    "LLM_PORT",
-    "PROMETHEUS_PORT",
-    "NGINX_EXPORTER_PORT",
-    "REDIS_EXPORTER_PORT",
-)
 
 
 def measure(
     rounds: int = 3, seconds: float = 10, connections: int = 32, workers: int = 1
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        api_port = free_port()
-        while not all(_free(p) for p in (api_port, api_port + 1)):
-            api_port = free_port()
-        topology = Topology.from_env(
-            {
-                "STACK_DIR": str(Path(tmp) / "stack"),
-                "REPLICAS": "2",
-                "WEB_CONCURRENCY": str(workers),
-                "API_PORT": str(api_port),
-                **{name: str(free_port()) for name in PORT_NAMES},
-            }
-        )
+        topology = stack_on_free_ports(Path(tmp) / "stack", replicas=2, workers=workers)
         native.up(topology, timeout=300)
         rates: dict[str, list[float]] = {"health": [], "query": []}
         try:
@@ -75,17 +53,6 @@ def measure(
         "connections": connections,
         "workers": workers,
     }
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def report(result: dict[str, float]) -> None:

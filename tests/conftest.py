@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import random
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from api.embeddings import Embedder
 from api.main import create_app
 from deployment import stack as native
 from deployment.topology import Topology
-from tests.servers import ROOT, ChromaServer, LlamaServer, RedisServer, free_port
+from tests.servers import ROOT, ChromaServer, LlamaServer, RedisServer, stack_on_free_ports
 
 # Tracing patches httpx and redis process-wide: in-process test apps must not do that to
 # the test runner's own clients. Tests of tracing run the server as a subprocess.
@@ -101,43 +100,11 @@ def client(make_client: ClientFactory) -> Iterator[TestClient]:
         yield c
 
 
-def _consecutive_free_ports(count: int) -> int:
-    for _ in range(100):
-        base = random.randint(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no run of free ports")
-
-
 @pytest.fixture(scope="session")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """`make stack`'s topology on free ports under a temporary STACK_DIR, once per run."""
-    env = {
-        "STACK_DIR": str(tmp_path_factory.mktemp("stack")),
-        "REPLICAS": "2",
-        # One worker per replica: the machine has two cores to share with the load.
-        "WEB_CONCURRENCY": "1",
-        "API_PORT": str(_consecutive_free_ports(2)),
-        **{
-            name: str(free_port())
-            for name in (
-                "NGINX_PORT",
-                "NGINX_STATUS_PORT",
-                "REDIS_PORT",
-                "CHROMA_PORT",
-                "LLM_PORT",
-                "PROMETHEUS_PORT",
-                "NGINX_EXPORTER_PORT",
-                "REDIS_EXPORTER_PORT",
-            )
-        },
-    }
-    topology = Topology.from_env(env)
+    # One worker per replica: the machine has two cores to share with the load.
+    topology = stack_on_free_ports(tmp_path_factory.mktemp("stack"), replicas=2, workers=1)
     native.up(topology, timeout=240)
     try:
         yield topology

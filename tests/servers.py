@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -11,8 +12,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from deployment.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -229,3 +234,61 @@ class ApiServer(Process):
         except TimeoutError:
             self.stop()
             raise AssertionError(self.output()[-3000:]) from None
+
+
+_STACK_PORTS = (
+    "NGINX_PORT",
+    "NGINX_STATUS_PORT",
+    "REDIS_PORT",
+    "CHROMA_PORT",
+    "LLM_PORT",
+    "PROMETHEUS_PORT",
+    "NGINX_EXPORTER_PORT",
+    "REDIS_EXPORTER_PORT",
+)
+
+
+def _consecutive_free_ports(count: int) -> int:
+    for _ in range(100):
+        base = random.randint(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+def stack_on_free_ports(stack_dir: Path, replicas: int, workers: int) -> Topology:
+    """`make stack`'s topology with every port free on this machine (the replicas' in a
+    row, as the topology numbers them), its state under `stack_dir`."""
+    from deployment.topology import Topology
+
+    return Topology.from_env(
+        {
+            "STACK_DIR": str(stack_dir),
+            "REPLICAS": str(replicas),
+            "WEB_CONCURRENCY": str(workers),
+            "API_PORT": str(_consecutive_free_ports(replicas)),
+            **{name: str(free_port()) for name in _STACK_PORTS},
+        }
+    )
+
+
+def route_count(topology: Topology, route: str) -> dict[str, float]:
+    """Each replica's own count of requests to `route` (by its route template)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for index, name in enumerate(topology.replica_names(), start=1):
+        text = httpx.get(f"http://127.0.0.1:{topology.replica_port(index)}/metrics").text
+        counts[name] = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "http_server_request_duration_seconds_count"
+            and sample.labels.get("http_route") == route
+        )
+    return counts

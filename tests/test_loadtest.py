@@ -11,26 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from deployment.topology import Topology
 from loadtest import report as reports
 from loadtest.hdr import Aggregate, encode, histogram
-from tests.servers import wait_until
-
-
-def _route_count(topology: Topology, route: str) -> float:
-    total = 0.0
-    for index in range(1, topology.replicas + 1):
-        text = httpx.get(f"http://127.0.0.1:{topology.replica_port(index)}/metrics").text
-        total += sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "http_server_request_duration_seconds_count"
-            and sample.labels.get("http_route") == route
-        )
-    return total
+from tests.servers import route_count, wait_until
 
 
 def _loadtest(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +38,7 @@ def _percentile(values: list[float], p: float) -> float:
 def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path: Path) -> None:
     slo = tmp_path / "slo.yaml"
     slo.write_text("total: {p99_ms: 60000, error_rate: 0.01}\n")
-    before = _route_count(topology, "/documents")
+    before = sum(route_count(topology, "/documents").values())
     run = _loadtest(
         "run",
         "--target",
@@ -72,7 +57,7 @@ def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path
         str(tmp_path / "reports"),
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    served = _route_count(topology, "/documents") - before
+    served = sum(route_count(topology, "/documents").values()) - before
     latest = tmp_path / "reports" / "latest"
     report = json.loads((latest / "report.json").read_text())
     for name in ("report.csv", "index.html", "latency_over_time.png", "percentiles.png"):

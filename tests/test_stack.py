@@ -17,27 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from deployment import stack as native
 from deployment.topology import Topology, render_template
-from tests.servers import wait_until
+from tests.servers import route_count, wait_until
 
 QUESTION = {"question": "How do I restore a backup?"}
-
-
-def _replica_counts(topology: Topology, route: str) -> dict[str, float]:
-    counts = {}
-    for index, name in enumerate(topology.replica_names(), start=1):
-        text = httpx.get(f"http://127.0.0.1:{topology.replica_port(index)}/metrics").text
-        counts[name] = sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "http_server_request_duration_seconds_count"
-            and sample.labels.get("http_route") == route
-        )
-    return counts
 
 
 def _load(url: str, seconds: float, clients: int, body: dict[str, str]) -> list[int]:
@@ -66,9 +51,9 @@ def _load(url: str, seconds: float, clients: int, body: dict[str, str]) -> list[
 
 def test_both_replicas_serve_under_concurrent_load(topology: Topology) -> None:
     httpx.post(f"{topology.url}/query", json=QUESTION, timeout=60)  # cached from here on
-    before = _replica_counts(topology, "/query")
+    before = route_count(topology, "/query")
     statuses = _load(topology.url, 5, 6, QUESTION)
-    after = _replica_counts(topology, "/query")
+    after = route_count(topology, "/query")
     served = {name: after[name] - before[name] for name in after}
     assert set(statuses) == {200}
     # Every request counted once, by the replica that served it, and both took a share.
