@@ -163,25 +163,23 @@ def _load_corpus(topology: Topology) -> dict[str, object]:
     return result
 
 
-def up(topology: Topology, timeout: float = 300, load_corpus: bool = True) -> None:
-    _preflight(topology)
-    render(topology)
-    nginx_test = subprocess.run(
-        [
-            "nginx",
-            "-t",
-            "-q",
-            "-p",
-            str(topology.stack_dir / "nginx"),
-            "-c",
-            str(topology.stack_dir / "nginx" / "nginx.conf"),
-        ],
+def check_nginx(topology: Topology) -> None:
+    """`nginx -t` on the rendered configuration, with the stack's own prefix."""
+    nginx_dir = topology.stack_dir / "nginx"
+    result = subprocess.run(
+        ["nginx", "-t", "-q", "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
         capture_output=True,
         text=True,
         check=False,
     )
-    if nginx_test.returncode != 0:
-        raise StackError(f"nginx rejects its configuration:\n{nginx_test.stderr}")
+    if result.returncode != 0:
+        raise StackError(f"nginx rejects its configuration:\n{result.stderr}")
+
+
+def up(topology: Topology, timeout: float = 300, load_corpus: bool = True) -> None:
+    _preflight(topology)
+    render(topology)
+    check_nginx(topology)
     subprocess.run(
         [sys.executable, "-m", "supervisor.supervisord", "-c", str(_conf(topology))],
         check=True,

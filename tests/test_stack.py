@@ -215,20 +215,7 @@ def test_rendered_configuration_passes_the_tools_own_checks(topology: Topology) 
         check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    nginx = subprocess.run(
-        [
-            "nginx",
-            "-t",
-            "-p",
-            str(topology.stack_dir / "nginx"),
-            "-c",
-            str(topology.stack_dir / "nginx" / "nginx.conf"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert nginx.returncode == 0, nginx.stderr
+    native.check_nginx(topology)  # raises StackError with nginx's complaint
 
 
 def test_a_second_stack_on_the_same_ports_is_refused(topology: Topology) -> None:
@@ -254,24 +241,21 @@ def test_the_cli_names_a_busy_port_and_changes_nothing(topology: Topology, tmp_p
         "STACK_DIR": str(tmp_path / "other"),
         "NGINX_PORT": str(topology.nginx_port),  # held by the running stack's nginx
     }
-    up = subprocess.run(
-        [sys.executable, "-m", "deployment.stack", "up"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def cli(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deployment.stack", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    up = cli("up")
     assert up.returncode == 1
     assert f"nginx ({topology.nginx_port})" in up.stderr
     assert "Traceback" not in up.stderr
     assert not (tmp_path / "other" / "supervisord.conf").exists()
-    status = subprocess.run(
-        [sys.executable, "-m", "deployment.stack", "status"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    status = cli("status")
     assert status.returncode == 1 and "no stack running" in status.stdout
