@@ -150,13 +150,10 @@ def _plots(raw: dict[str, Any], report: dict[str, Any], directory: Path) -> None
             ys = [h.get_value_at_percentile(percentile) / 1000 for _, h in points]
             ax.plot(xs, ys, style, marker=".", label=f"{name} p{percentile}")
     ax.set_xlabel("seconds into the run")
-    ax.set_ylabel("latency, ms")
     ax.set_yscale("log")
-    ax.set_title("Latency over time (per reporting interval)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(directory / "latency_over_time.png", dpi=100)
-    plt.close(fig)
+    _save(
+        fig, ax, "Latency over time (per reporting interval)", directory / "latency_over_time.png"
+    )
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, text in raw["totals"].items():
@@ -171,11 +168,17 @@ def _plots(raw: dict[str, Any], report: dict[str, Any], directory: Path) -> None
     ax.set_xscale("log")
     ax.set_xticks([2, 4, 10, 20, 100, 1000, 10000])
     ax.set_xticklabels(["p50", "p75", "p90", "p95", "p99", "p99.9", "p99.99"])
+    _save(fig, ax, "Latency by percentile (HDR, whole run)", directory / "percentiles.png")
+
+
+def _save(fig: Any, ax: Any, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("latency, ms")
-    ax.set_title("Latency by percentile (HDR, whole run)")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(directory / "percentiles.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -28,6 +28,13 @@ def _loadtest(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _run_in(tmp_path: Path, topology: Topology, *args: str) -> tuple[int, dict[str, Any], str]:
+    out = tmp_path / "reports"
+    run = _loadtest("run", "--target", topology.url, "--out", str(out), *args)
+    report = json.loads((out / "latest" / "report.json").read_text())
+    return run.returncode, report, run.stdout + run.stderr
+
+
 def _percentile(values: list[float], p: float) -> float:
     """The HDR convention: the smallest value with at least p% of values at or below it."""
     ordered = sorted(values)
@@ -39,27 +46,13 @@ def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path
     slo = tmp_path / "slo.yaml"
     slo.write_text("total: {p99_ms: 60000, error_rate: 0.01}\n")
     before = sum(route_count(topology, "/documents").values())
-    run = _loadtest(
-        "run",
-        "--target",
-        topology.url,
-        "--scenario",
-        "ingest",
-        "--users",
-        "3",
-        "--duration",
-        "10s",
-        "--processes",
-        "2",
-        "--slo",
-        str(slo),
-        "--out",
-        str(tmp_path / "reports"),
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    code, report, output = _run_in(
+        tmp_path, topology, "--scenario", "ingest", "--users", "3", "--duration", "10s",
+        "--processes", "2", "--slo", str(slo),
+    )  # fmt: skip
+    assert code == 0, output[-4000:]
     served = sum(route_count(topology, "/documents").values()) - before
     latest = tmp_path / "reports" / "latest"
-    report = json.loads((latest / "report.json").read_text())
     for name in ("report.csv", "index.html", "latency_over_time.png", "percentiles.png"):
         assert (latest / name).stat().st_size > 0
     assert report["locust_workers"] == 2  # histograms merged from two processes
@@ -93,25 +86,13 @@ def test_an_slo_breach_fails_the_run_and_still_writes_the_report(
 ) -> None:
     slo = tmp_path / "slo.yaml"
     slo.write_text('total: {p50_ms: 0.001}\n"POST /documents": {error_rate: 0.5}\n')
-    run = _loadtest(
-        "run",
-        "--target",
-        topology.url,
-        "--scenario",
-        "ingest",
-        "--users",
-        "1",
-        "--duration",
-        "2s",
-        "--slo",
-        str(slo),
-        "--out",
-        str(tmp_path / "reports"),
-    )
-    assert run.returncode == 1
-    listed = [line.strip() for line in run.stderr.split("SLO breached:\n", 1)[1].splitlines()]
+    code, report, output = _run_in(
+        tmp_path, topology, "--scenario", "ingest", "--users", "1", "--duration", "2s",
+        "--slo", str(slo),
+    )  # fmt: skip
+    assert code == 1
+    listed = [line.strip() for line in output.split("SLO breached:\n", 1)[1].splitlines()]
     assert len(listed) == 1 and listed[0].startswith("total: p50")  # the error rate held
-    report = json.loads((tmp_path / "reports" / "latest" / "report.json").read_text())
     assert report["slo_breaches"] == listed
 
 
@@ -198,13 +179,6 @@ def test_the_oom_finder_finds_the_kill_and_the_replica_recovers(tmp_path: Path) 
     assert (latest / "index.html").stat().st_size and (latest / "memory.png").stat().st_size
     # The cgroup is gone afterwards.
     assert not list(Path("/sys/fs/cgroup/memory").rglob("rag-oom-*"))
-
-
-def _run_in(tmp_path: Path, topology: Topology, *args: str) -> tuple[int, dict[str, Any], str]:
-    out = tmp_path / "reports"
-    run = _loadtest("run", "--target", topology.url, "--out", str(out), *args)
-    report = json.loads((out / "latest" / "report.json").read_text())
-    return run.returncode, report, run.stdout + run.stderr
 
 
 def test_the_open_model_keeps_its_schedule_and_charges_the_queue(
