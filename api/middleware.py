@@ -89,8 +89,9 @@ class RequestTelemetry:
                 ]
             await send(message)
 
-        active = telemetry.child(metrics.HTTP_ACTIVE, http_request_method=method)
-        if telemetry.metrics_enabled():
+        measured = telemetry.metrics_enabled()
+        if measured:
+            active = telemetry.child(metrics.HTTP_ACTIVE, http_request_method=method)
             active.inc()
         start = time.perf_counter()
         try:
@@ -99,7 +100,7 @@ class RequestTelemetry:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"  # never the raw path
-            if telemetry.metrics_enabled():
+            if measured:
                 active.dec()
                 telemetry.observe(
                     metrics.HTTP_DURATION,

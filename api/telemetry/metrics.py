@@ -165,14 +165,13 @@ def sample_process() -> None:
 class Exemplars:
     """The newest exemplar per histogram bucket, shared between workers through files."""
 
-    def __init__(self, directory: str | None, flush_seconds: float = 1.0) -> None:
+    def __init__(self, directory: str | None) -> None:
         self._dir = Path(directory) if directory else None
         # (metric, labels, le) -> (trace_id, value, time); keyed by tuples on the request
         # path, turned into the files' JSON keys only when written or merged.
         self._latest: dict[tuple[str, tuple[tuple[str, str], ...], str], Any] = {}
         self._lock = threading.Lock()
         self._dirty = False
-        self._flush_seconds = flush_seconds
 
     @staticmethod
     def key(metric: str, labels: Iterable[tuple[str, str]], le: str) -> str:

@@ -63,9 +63,7 @@ def encode(spans: Sequence[ReadableSpan]) -> bytes:
         rows.append(
             [
                 span.name,
-                format(ctx.trace_id, "032x"),
-                format(ctx.span_id, "016x"),
-                int(ctx.trace_flags),
+                *_context(ctx),
                 ctx.trace_state.to_header() if ctx.trace_state else "",
                 format(parent.span_id, "016x") if parent else None,
                 bool(parent and parent.is_remote),
