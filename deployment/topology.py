@@ -291,12 +291,10 @@ def replica_env(topology: Topology, index: int) -> dict[str, str]:
         "LLM_GGUF": str(_llm_model()),
         # The stack loads the sample corpus once, through nginx, after everything is up.
         "INGEST_ON_START": "false",
-        "PROMETHEUS_MULTIPROC_DIR": str(topology.run_dir / f"{_replica(index)}-metrics"),
+        "PROMETHEUS_MULTIPROC_DIR": str(
+            topology.run_dir / f"{topology.replica_names()[index - 1]}-metrics"
+        ),
     }
-
-
-def _replica(index: int) -> str:
-    return f"api-{index}"
 
 
 def _llm_model() -> Path:

@@ -54,7 +54,7 @@ SHAPE = os.environ.get("LOADTEST_SHAPE", "")
 
 _recorder = Recorder()
 _aggregate = Aggregate()
-_times: dict[str, float] = {}
+_run: dict[str, float] = {}  # start, stop, metrics port: facts for raw.json
 _workers: set[str] = set()
 _announced: list[Path | None] = []
 _ids = itertools.count()
@@ -335,7 +335,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
             RUN_ID,
         )
         port = live.serve(collector, int(os.environ.get("LOADTEST_METRICS_PORT", "0")))
-        _times["metrics_port"] = port
+        _run["metrics_port"] = port
         targets = os.environ.get("LOADTEST_TARGETS_DIR")
         _announced.append(live.announce(Path(targets) if targets else None, port))
     if isinstance(environment.runner, LocalRunner):
@@ -351,13 +351,13 @@ def _on_init(environment: Environment, **_: Any) -> None:
 @events.test_start.add_listener
 def _on_start(environment: Environment, **_: Any) -> None:
     if not isinstance(environment.runner, WorkerRunner):
-        _times["start"] = time.time()
+        _run["start"] = time.time()
 
 
 @events.test_stop.add_listener
 def _on_stop(environment: Environment, **_: Any) -> None:
     if not isinstance(environment.runner, WorkerRunner):
-        _times["stop"] = time.time()
+        _run["stop"] = time.time()
 
 
 @events.quitting.add_listener
@@ -383,10 +383,10 @@ def _on_quit(environment: Environment, **_: Any) -> None:
         Path(RAW_PATH),
         {
             "run_id": RUN_ID,
-            "started": _times.get("start"),
-            "stopped": _times.get("stop", time.time()),
+            "started": _run.get("start"),
+            "stopped": _run.get("stop", time.time()),
             "counts": counts,
             "workers": len(_workers) if isinstance(environment.runner, MasterRunner) else 1,
-            "metrics_port": _times.get("metrics_port"),
+            "metrics_port": _run.get("metrics_port"),
         },
     )
