@@ -219,7 +219,7 @@ async def _start(
     """Start a generation inside a `generate` span (the LLM request becomes its child) and
     time it: first text, whole answer, tokens."""
     started = time.perf_counter()
-    span = telemetry.tracer.start_span(
+    span = telemetry.tracer().start_span(
         "generate",
         attributes={
             "rag.generator": generator.id,

@@ -185,7 +185,7 @@ class Cache:
         """A client span per Redis call. Made here rather than by opentelemetry's redis
         instrumentation, which sets seven attributes per call and cost 75 µs of a ~800 µs
         cached answer (docs/BENCHMARKS.md); these four are what a trace needs."""
-        return telemetry.tracer.start_as_current_span(
+        return telemetry.tracer().start_as_current_span(
             f"redis {operation}",
             kind=SpanKind.CLIENT,
             attributes={**self._span_attributes, "db.operation.name": operation},

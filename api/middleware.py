@@ -63,7 +63,7 @@ class RequestTelemetry:
             carrier = {
                 name: headers[key].decode("latin-1") for name, key in _PROPAGATED if key in headers
             }
-            span = telemetry.tracer.start_span(
+            span = telemetry.tracer().start_span(
                 method,
                 context=propagate.extract(carrier) if carrier else None,
                 kind=SpanKind.SERVER,

@@ -96,7 +96,7 @@ def stage(
 ) -> Iterator[Span]:
     """A span named `name` and a duration in `histogram` for one step of the work."""
     start = time.perf_counter()
-    with tracer.start_as_current_span(name, attributes=attributes) as span:
+    with tracer().start_as_current_span(name, attributes=attributes) as span:
         try:
             yield span
         finally:

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
@@ -147,7 +148,17 @@ def _span_context(
     )
 
 
-def decode(payload: bytes) -> list[ReadableSpan]:
+def decode(payload: bytes, limits: SpanLimits | None = None) -> list[ReadableSpan]:
+    """Spans as the SDK would have finished them: attribute counts, value lengths and
+    types checked here (OTEL_SPAN_ATTRIBUTE_*), not on the worker's request path."""
+    limits = limits or SpanLimits()
+
+    def bounded(
+        attributes: dict[str, Any], count: int | None, length: int | None = None
+    ) -> BoundedAttributes:
+        length = length or limits.max_attribute_length
+        return BoundedAttributes(count, attributes, immutable=True, max_value_len=length)
+
     message = orjson.loads(payload)
     resource = Resource(message["resource"])
     spans = []
@@ -178,9 +189,17 @@ def decode(payload: bytes) -> list[ReadableSpan]:
                 if parent_id
                 else None,
                 resource=resource,
-                attributes=attributes,
-                events=[Event(e_name, e_attrs, e_time) for e_name, e_time, e_attrs in events],
-                links=[Link(_span_context(t, s, f), attrs) for t, s, f, attrs in links],
+                attributes=bounded(
+                    attributes, limits.max_span_attributes, limits.max_span_attribute_length
+                ),
+                events=[
+                    Event(e_name, bounded(e_attrs, limits.max_event_attributes), e_time)
+                    for e_name, e_time, e_attrs in events
+                ][: limits.max_events],
+                links=[
+                    Link(_span_context(t, s, f), bounded(attrs, limits.max_link_attributes))
+                    for t, s, f, attrs in links
+                ][: limits.max_links],
                 kind=SpanKind(kind),
                 status=Status(StatusCode(status_code), status_description),
                 start_time=start,
@@ -204,7 +223,7 @@ class _Connection(socketserver.BaseRequestHandler):
             if len(payload) < length:
                 return
             try:
-                spans = decode(payload)
+                spans = decode(payload, self.server.limits)
             except (ValueError, TypeError, KeyError) as exc:
                 print(f"span relay: bad frame dropped: {exc}", file=sys.stderr)
                 continue
@@ -221,6 +240,7 @@ class _RelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, exporter: SpanExporter) -> None:
         self.exporter = exporter
         self.export_lock = threading.Lock()
+        self.limits = SpanLimits()
         super().__init__(path, _Connection)
 
 

@@ -17,8 +17,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from api import __version__
+from api.telemetry.spans import LeanTracerProvider
 
-_provider: TracerProvider | None = None
+_provider: LeanTracerProvider | None = None
+_tracer: trace.Tracer = trace.get_tracer("api")  # no-op until setup_tracing
 _exporting = False  # set once by setup_tracing; read on every observation
 
 
@@ -33,10 +35,10 @@ def exporting() -> bool:
     )
 
 
-def setup_tracing() -> TracerProvider | None:
+def setup_tracing() -> LeanTracerProvider | None:
     """Once per process. Without an OTLP endpoint spans are still made (logs carry their
     ids) but go nowhere; with OTEL_SDK_DISABLED=true nothing is made at all."""
-    global _provider, _exporting
+    global _provider, _exporting, _tracer
     if _provider is not None or not enabled():
         return _provider
     resource = Resource.create(
@@ -46,7 +48,10 @@ def setup_tracing() -> TracerProvider | None:
             "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
         }
     )
-    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    # The SDK builds the sampler from OTEL_TRACES_SAMPLER(_ARG); spans are made by the
+    # lean provider (api/telemetry/spans.py).
+    sampler = TracerProvider(shutdown_on_exit=False).sampler
+    provider = LeanTracerProvider(resource, sampler)
     _exporting = exporting()
     if _exporting:
         provider.add_span_processor(BatchSpanProcessor(_exporter()))
@@ -57,6 +62,7 @@ def setup_tracing() -> TracerProvider | None:
 
     HTTPXClientInstrumentor().instrument(tracer_provider=provider)
     _provider = provider
+    _tracer = provider.get_tracer("api", __version__)
     return provider
 
 
@@ -78,7 +84,10 @@ def shutdown_tracing() -> None:
         _provider.force_flush(timeout_millis=5000)
 
 
-tracer = trace.get_tracer("api")
+def tracer() -> trace.Tracer:
+    """The service's own tracer: the provider's, not the API's proxy, whose
+    start_as_current_span adds a generator per span."""
+    return _tracer
 
 
 def current_trace_id() -> str | None:

@@ -1,0 +1,171 @@
+"""The lean tracer (api/telemetry/spans.py) must be indistinguishable from the SDK's on the
+wire: the same spans, ids, flags, attributes, events, links and statuses, and the same
+sampling decisions under the standard OTEL_TRACES_SAMPLER settings."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from api.telemetry import relay
+from api.telemetry.spans import LeanTracerProvider
+
+RESOURCE = Resource({"service.name": "rag-api"})
+CALLER = {
+    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "tracestate": "vendor=opaque",
+}
+
+
+@pytest.fixture(autouse=True)
+def _sdk_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")  # conftest turns it off for apps
+
+
+def _sdk() -> tuple[trace.TracerProvider, InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    return provider, memory
+
+
+def _lean() -> tuple[trace.TracerProvider, InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    provider = LeanTracerProvider(RESOURCE, TracerProvider(shutdown_on_exit=False).sampler)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    return provider, memory
+
+
+def _request(tracer: trace.Tracer, caller: dict[str, str]) -> None:
+    """What a /query does: a server span continuing the caller, a client span, a stage
+    that fails, an exception that escapes a span, attributes set late."""
+    parent = TraceContextTextMapPropagator().extract(caller)
+    server = tracer.start_span(
+        "POST",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": "POST", "tags": ("a", "b")},
+    )
+    with trace.use_span(server, end_on_exit=False):
+        with tracer.start_as_current_span(
+            "redis EVALSHA", kind=SpanKind.CLIENT, attributes={"server.port": 6390}
+        ):
+            pass
+        with tracer.start_as_current_span("generate", attributes={"rag.temperature": 0.7}) as gen:
+            gen.set_attribute("rag.completion_tokens", 12)
+            gen.add_link(server.get_span_context(), {"why": "test"})
+            gen.set_status(Status(StatusCode.OK))
+            gen.set_status(StatusCode.ERROR, "ignored: OK is final")
+        with pytest.raises(ValueError), tracer.start_as_current_span("embed"):
+            raise ValueError("boom")
+    server.update_name("POST /query")
+    server.set_attributes({"http.route": "/query", "http.response.status_code": 200})
+    server.end()
+    server.end()  # a second end is ignored
+
+
+def _wire(
+    make: Callable[[], tuple[trace.TracerProvider, InMemorySpanExporter]],
+    caller: dict[str, str],
+) -> tuple[list[ReadableSpan], ExportTraceServiceRequest]:
+    provider, memory = make()
+    random.seed(20261121)  # both tracers draw their ids from `random`, in the same order
+    _request(provider.get_tracer("api", "9.9"), caller)
+    spans = list(memory.get_finished_spans())
+    request = encode_spans(spans)
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                span.start_time_unix_nano = span.end_time_unix_nano = 0
+                for event in span.events:
+                    event.time_unix_nano = 0
+                    for attribute in event.attributes:
+                        if attribute.key == "exception.stacktrace":  # line numbers differ
+                            attribute.value.string_value = attribute.value.string_value[-17:]
+    return spans, request
+
+
+@pytest.mark.parametrize("caller", [CALLER, {}], ids=["continues-the-caller", "root"])
+def test_lean_spans_encode_exactly_like_the_sdks(caller: dict[str, str]):
+    sdk_spans, sdk_wire = _wire(_sdk, caller)
+    lean_spans, lean_wire = _wire(_lean, caller)
+    assert len(lean_spans) == len(sdk_spans) == 4
+    assert lean_wire == sdk_wire
+    assert [s.context.trace_flags for s in lean_spans] == [s.context.trace_flags for s in sdk_spans]
+    embed = next(s for s in lean_spans if s.name == "embed")
+    assert embed.status.status_code is StatusCode.ERROR
+    assert [e.name for e in embed.events] == ["exception"]
+
+
+def test_through_the_relay_lean_spans_arrive_as_the_sdk_would_send_them():
+    spans, wire = _wire(_lean, CALLER)
+    frame = relay.encode(spans)
+    back = relay.decode(frame[4:])
+    assert encode_spans(back).SerializeToString() == encode_spans(spans).SerializeToString()
+    assert wire.resource_spans  # and the direct encoding was not empty
+
+
+Decision = tuple[str, bool, bool]  # (caller, server span recorded, child sampled)
+
+
+def _decisions(make: Callable[[], tuple[trace.TracerProvider, Any]]) -> list[Decision]:
+    provider, memory = make()
+    tracer = provider.get_tracer("api")
+    random.seed(7)
+    seen = []
+    unsampled = {**CALLER, "traceparent": CALLER["traceparent"][:-2] + "00"}
+    for label, caller in (("sampled", CALLER), ("unsampled", unsampled), ("root", {})):
+        for _ in range(20):
+            parent = TraceContextTextMapPropagator().extract(caller)
+            with (
+                tracer.start_as_current_span("server", context=parent) as server,
+                tracer.start_as_current_span("child") as child,
+            ):
+                sampled = child.get_span_context().trace_flags.sampled
+                seen.append((label, server.is_recording(), sampled))
+    assert len(memory.get_finished_spans()) == 2 * sum(s for _, s, _ in seen)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "sampler,argument",
+    [
+        ("parentbased_always_on", ""),
+        ("always_off", ""),
+        ("traceidratio", "0.5"),
+        ("parentbased_traceidratio", "0.5"),
+        ("parentbased_always_off", ""),
+    ],
+)
+def test_sampling_decisions_match_the_sdk(monkeypatch: pytest.MonkeyPatch, sampler, argument):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", argument)
+    lean = _decisions(_lean)
+    assert lean == _decisions(_sdk)
+    if sampler.endswith("ratio"):  # the ratio samplers really do sample some and not others
+        roots = [s for parent, s, _ in lean if parent == "root"]
+        assert 0 < sum(roots) < len(roots)
+
+
+def test_the_relay_applies_the_attribute_limits(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "5")
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "2")
+    provider, memory = _lean()
+    with provider.get_tracer("api").start_as_current_span(
+        "s", attributes={"oldest goes": True, "n": 1, "long": "abcdefghij"}
+    ):
+        pass
+    (back,) = relay.decode(relay.encode(memory.get_finished_spans())[4:])
+    assert dict(back.attributes or {}) == {"n": 1, "long": "abcde"}  # as the SDK
