@@ -50,17 +50,22 @@ def _server(tmp: Path, name: str, redis_url: str, env: dict[str, str]) -> ApiSer
     )
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _relay_pid(server: ApiServer) -> int:
-    """The span relay is the one `api.telemetry.relay` process under this server."""
+    """The `api.telemetry.relay` process started by this server's gunicorn master (in a
+    session of its own, so its ancestry, not its group, says whose it is)."""
     assert server.proc is not None
     for proc in Path("/proc").iterdir():
         try:
-            cmdline = (proc / "cmdline").read_bytes()
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if b"api.telemetry.relay" not in (proc / "cmdline").read_bytes():
+                continue
+            if _parent(_parent(int(proc.name))) == server.proc.pid:  # runner → master → relay
+                return int(proc.name)
         except (OSError, ValueError):
             continue
-        if b"api.telemetry.relay" in cmdline and int(stat[2]) == server.proc.pid:  # pgid
-            return int(proc.name)
     raise RuntimeError("no span relay found under the instrumented server")
 
 

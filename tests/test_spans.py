@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AnyValue
 
 from api.telemetry import relay
 from api.telemetry.spans import LeanTracerProvider
@@ -76,15 +77,18 @@ def _request(tracer: trace.Tracer, caller: dict[str, str]) -> None:
     server.end()  # a second end is ignored
 
 
-def _wire(
+def _finished(
     make: Callable[[], tuple[trace.TracerProvider, InMemorySpanExporter]],
-    caller: dict[str, str],
-) -> tuple[list[ReadableSpan], ExportTraceServiceRequest]:
+    scenario: Callable[[trace.Tracer], None],
+) -> list[ReadableSpan]:
     provider, memory = make()
     random.seed(20261121)  # both tracers draw their ids from `random`, in the same order
-    _request(provider.get_tracer("api", "9.9"), caller)
-    spans = list(memory.get_finished_spans())
-    request = encode_spans(spans)
+    scenario(provider.get_tracer("api", "9.9"))
+    return list(memory.get_finished_spans())
+
+
+def _timeless(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
+    """The request with what two runs cannot share (clock readings, line numbers) blanked."""
     for resource_spans in request.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
@@ -92,9 +96,17 @@ def _wire(
                 for event in span.events:
                     event.time_unix_nano = 0
                     for attribute in event.attributes:
-                        if attribute.key == "exception.stacktrace":  # line numbers differ
+                        if attribute.key == "exception.stacktrace":
                             attribute.value.string_value = attribute.value.string_value[-17:]
-    return spans, request
+    return request
+
+
+def _wire(
+    make: Callable[[], tuple[trace.TracerProvider, InMemorySpanExporter]],
+    caller: dict[str, str],
+) -> tuple[list[ReadableSpan], ExportTraceServiceRequest]:
+    spans = _finished(make, lambda tracer: _request(tracer, caller))
+    return spans, _timeless(encode_spans(spans))
 
 
 @pytest.mark.parametrize("caller", [CALLER, {}], ids=["continues-the-caller", "root"])
@@ -110,11 +122,10 @@ def test_lean_spans_encode_exactly_like_the_sdks(caller: dict[str, str]):
 
 
 def test_through_the_relay_lean_spans_arrive_as_the_sdk_would_send_them():
-    spans, wire = _wire(_lean, CALLER)
-    frame = relay.encode(spans)
-    back = relay.decode(frame[4:])
-    assert encode_spans(back).SerializeToString() == encode_spans(spans).SerializeToString()
-    assert wire.resource_spans  # and the direct encoding was not empty
+    provider, memory = _lean()
+    _request(provider.get_tracer("api", "9.9"), CALLER)
+    spans = memory.get_finished_spans()
+    assert relay.to_otlp(relay.encode(spans)[4:]) == encode_spans(spans)
 
 
 Decision = tuple[str, bool, bool]  # (caller, server span recorded, child sampled)
@@ -159,13 +170,25 @@ def test_sampling_decisions_match_the_sdk(monkeypatch: pytest.MonkeyPatch, sampl
         assert 0 < sum(roots) < len(roots)
 
 
-def test_the_relay_applies_the_attribute_limits(monkeypatch: pytest.MonkeyPatch):
+def test_the_relay_applies_the_limits_as_the_sdk_does(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "5")
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "2")
-    provider, memory = _lean()
-    with provider.get_tracer("api").start_as_current_span(
-        "s", attributes={"oldest goes": True, "n": 1, "long": "abcdefghij"}
-    ):
-        pass
-    (back,) = relay.decode(relay.encode(memory.get_finished_spans())[4:])
-    assert dict(back.attributes or {}) == {"n": 1, "long": "abcde"}  # as the SDK
+    monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", "1")
+
+    def make(tracer: trace.Tracer) -> None:
+        attributes: dict[str, AnyValue] = {
+            "oldest goes": True,
+            "n": 1,
+            "long": "abcdefghij",
+            "tags": ["abcdefg"],
+        }
+        with tracer.start_as_current_span("s", attributes=attributes) as span:
+            span.add_event("first")
+            span.add_event("second", {"k": "v"})
+
+    lean_sent = relay.to_otlp(relay.encode(_finished(_lean, make))[4:])
+    assert _timeless(lean_sent) == _timeless(encode_spans(_finished(_sdk, make)))
+    (span,) = lean_sent.resource_spans[0].scope_spans[0].spans
+    assert [a.key for a in span.attributes] == ["long", "tags"]  # the newest two, cut to 5
+    assert span.attributes[0].value.string_value == "abcde"
+    assert span.dropped_attributes_count == 2 and span.dropped_events_count == 1
