@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import orjson
 import structlog
 from fastapi.concurrency import run_in_threadpool
 from opentelemetry import trace
@@ -28,9 +29,10 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Answer:
+    """A freshly generated answer (a cached one is served from its stored record)."""
+
     answer: str
     sources: list[Hit]
-    cached: bool
     processing_time: float
     generator: str
     usage: Usage | None
@@ -50,7 +52,7 @@ class _Opened:
 
     started: float
     key: str | None
-    cached: Answer | None = None
+    cached: bytes | None = None  # the stored record: the answer's JSON body, less timing
     completion: Completion | None = None
 
 
@@ -96,10 +98,14 @@ class QueryService:
         return hits
 
     # --- answering
-    async def answer(self, question: str, max_sources: int, temperature: float) -> Answer:
+    async def answer_json(self, question: str, max_sources: int, temperature: float) -> bytes:
+        """The answer as the JSON body of a `QueryResponse`. A cached answer is its stored
+        record with the timing put in front, never parsed or re-rendered: on the cached
+        path that is most of the work left (docs/BENCHMARKS.md)."""
         opened = await self._open(question, max_sources, temperature)
         if opened.cached is not None:
-            return opened.cached
+            elapsed = round(time.perf_counter() - opened.started, 6)
+            return b'{"processing_time":%r,"cached":true,%s' % (elapsed, opened.cached[1:])
         assert opened.completion is not None
         try:
             text = await _collect(opened.completion)
@@ -110,7 +116,8 @@ class QueryService:
             sources = opened.completion.sources
             opened.completion = await _start(self._fallback, question, sources, temperature)
             text = await _collect(opened.completion)
-        return await self._finish(opened, text)
+        answer = await self._finish(opened, text)
+        return orjson.dumps({**_done(answer), **_public(answer)})
 
     async def events(
         self, question: str, max_sources: int, temperature: float
@@ -122,14 +129,17 @@ class QueryService:
 
     async def _stream(self, opened: _Opened) -> AsyncIterator[Event]:
         if opened.cached is not None:
-            hit = opened.cached
-            yield Event("sources", {"sources": hit.sources})
-            yield Event("token", {"text": hit.answer})
-            yield Event("done", _done(hit))
+            record = orjson.loads(opened.cached)
+            yield Event("sources", {"sources": record["sources"]})
+            yield Event("token", {"text": record["answer"]})
+            timing = {"processing_time": round(time.perf_counter() - opened.started, 6)}
+            yield Event(
+                "done", {**timing, "cached": True, "generator": record["generator"], "usage": None}
+            )
             return
         completion = opened.completion
         assert completion is not None
-        yield Event("sources", {"sources": completion.sources})
+        yield Event("sources", {"sources": [public_source(h) for h in completion.sources]})
         parts: list[str] = []
         try:
             async for delta in completion.deltas:
@@ -151,6 +161,7 @@ class QueryService:
         key = None
         if self._cache is not None:
             params = {
+                "record": 2,  # the record's format: older records are simply not found
                 "max_sources": max_sources,
                 "temperature": temperature,
                 "embedder": self._embedder.model_id,
@@ -161,13 +172,13 @@ class QueryService:
             if found is not None:
                 generation, record = found
                 key = answer_key(generation, digest)
-                hit = _from_cache(record, started)
+                hit = record is not None and record[:1] == b"{"
                 telemetry.count(
-                    metrics.CACHE_REQUESTS, layer="answer", result="miss" if hit is None else "hit"
+                    metrics.CACHE_REQUESTS, layer="answer", result="hit" if hit else "miss"
                 )
-                if hit is not None:
+                if hit:
                     telemetry.note(cached=True)
-                    return _Opened(started, key, cached=hit)
+                    return _Opened(started, key, cached=record)
         telemetry.note(cached=False)
         sources = await run_in_threadpool(self.retrieve, question, max_sources)
         try:
@@ -186,7 +197,6 @@ class QueryService:
         answer = Answer(
             text,
             completion.sources,
-            False,
             time.perf_counter() - opened.started,
             completion.generator,
             completion.usage,
@@ -197,11 +207,8 @@ class QueryService:
             and self._cache is not None
             and completion.generator == self._generator.name
         ):
-            record = {
-                "answer": text,
-                "sources": [asdict(s) for s in answer.sources],
-                "generator": answer.generator,
-            }
+            # A cached answer spent no tokens: its record says usage null.
+            record = orjson.dumps({**_public(answer), "usage": None})
             await run_in_threadpool(self._cache.put_answer, opened.key, record)
         if answer.usage is not None:
             log.info(
@@ -279,21 +286,26 @@ async def _start(
     return replace(completion, deltas=deltas(), close=close)
 
 
-def _from_cache(record: dict[str, Any] | None, started: float) -> Answer | None:
-    if record is None:
-        return None
-    try:
-        sources = [Hit(**s) for s in record["sources"]]
-        return Answer(
-            record["answer"],
-            sources,
-            True,
-            time.perf_counter() - started,
-            record["generator"],
-            None,
-        )
-    except (KeyError, TypeError):  # another version's record: a miss
-        return None
+def public_source(hit: Hit) -> dict[str, Any]:
+    """A retrieved chunk as the API shows it (`schemas.Source`)."""
+    return {
+        "document": hit.source,
+        "content": hit.content,
+        "score": hit.score,
+        "document_id": hit.doc_id,
+        "title": hit.title,
+        "chunk": hit.chunk,
+    }
+
+
+def _public(answer: Answer) -> dict[str, Any]:
+    """The rest of a `QueryResponse`: what a cached record stores."""
+    return {
+        "answer": answer.answer,
+        "sources": [public_source(h) for h in answer.sources],
+        "generator": answer.generator,
+        "usage": asdict(answer.usage) if answer.usage is not None else None,
+    }
 
 
 async def _collect(completion: Completion) -> str:
@@ -306,7 +318,7 @@ async def _collect(completion: Completion) -> str:
 def _done(answer: Answer) -> dict[str, Any]:
     return {
         "processing_time": round(answer.processing_time, 6),
-        "cached": answer.cached,
+        "cached": False,
         "generator": answer.generator,
         "usage": asdict(answer.usage) if answer.usage is not None else None,
     }

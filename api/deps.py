@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from api.services import Services
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 async def get_services(request: Request) -> Services:
@@ -17,3 +21,13 @@ async def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def json_body(request: Request, model: type[Body]) -> Body:
+    """A JSON body validated by pydantic straight from its bytes. FastAPI's body
+    parameters parse with json.loads first and then validate the objects: ~30 µs more on
+    a ~300 µs cached answer. Errors become the usual 422."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc

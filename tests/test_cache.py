@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from api.schemas import QueryResponse
 from tests.conftest import services_of
 from tests.servers import ChromaServer, RedisServer
 
@@ -44,7 +45,15 @@ def test_second_identical_question_is_served_from_cache(served):
     assert first["cached"] is False and first["sources"][0]["document"] == "freeze.txt"
     second = ask(served, {"question": "  when does the DEPLOY freeze start?"})
     assert second["cached"] is True
-    assert second["answer"] == first["answer"] and second["sources"] == first["sources"]
+    # The cached body is the stored record with its timing spliced in: the same answer in
+    # the same public shape, apart from the timing, the flag and the tokens not spent.
+    for body in (first, second):
+        QueryResponse.model_validate(body)
+    same = {"processing_time", "cached", "usage"}
+    assert {k: v for k, v in second.items() if k not in same} == {
+        k: v for k, v in first.items() if k not in same
+    }
+    assert second["usage"] is None and 0 < second["processing_time"] < 1
     # Different parameters are a different answer.
     assert ask(served, {**QUESTION, "max_sources": 1})["cached"] is False
 

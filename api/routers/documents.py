@@ -4,11 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from api.deps import ServicesDep
+from api.deps import ServicesDep, json_body
 from api.ingest import NewDocument
 from api.loaders import load_file
 from api.schemas import (
@@ -45,10 +43,7 @@ _INGEST_BODIES = {
 
 
 async def _from_json(request: Request, services: Services) -> list[NewDocument]:
-    try:
-        body = IngestRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from exc
+    body = await json_body(request, IngestRequest)
     limits = services.settings
     if len(body.documents) > limits.max_documents_per_request:
         raise HTTPException(

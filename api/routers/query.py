@@ -2,16 +2,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import asdict
-from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.answer import Event
-from api.deps import ServicesDep
-from api.schemas import QueryRequest, QueryResponse, Source
-from api.store import Hit
+from api.deps import ServicesDep, json_body
+from api.schemas import QueryRequest, QueryResponse
 
 router = APIRouter(tags=["query"])
 
@@ -29,27 +26,29 @@ _STREAM_DOC = {
 }
 
 
+_QUERY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": QueryRequest.model_json_schema()}},
+    }
+}
+
+
 async def _sse(events: AsyncIterator[Event]) -> AsyncIterator[ServerSentEvent]:
     async for event in events:
-        data = event.data
-        if event.name == "sources":  # the same shape as `sources` in a JSON answer
-            data = {"sources": [_source(h).model_dump() for h in data["sources"]]}
-        yield ServerSentEvent(data=json.dumps(data), event=event.name)
+        yield ServerSentEvent(data=json.dumps(event.data), event=event.name)
 
 
-def _source(hit: Hit) -> Source:
-    return Source(
-        document=hit.source,
-        content=hit.content,
-        score=hit.score,
-        document_id=hit.doc_id,
-        title=hit.title,
-        chunk=hit.chunk,
-    )
-
-
-@router.post("/query", response_model=QueryResponse, responses=_STREAM_DOC)  # type: ignore[arg-type]
-async def query(body: QueryRequest, request: Request, services: ServicesDep) -> Any:
+# The body is validated from its bytes and the answer returned as rendered JSON (see
+# json_body and QueryService.answer_json); the models still describe both in OpenAPI.
+@router.post(
+    "/query",
+    response_model=QueryResponse,
+    responses=_STREAM_DOC,  # type: ignore[arg-type]
+    openapi_extra=_QUERY_BODY,
+)
+async def query(request: Request, services: ServicesDep) -> Response:
+    body = await json_body(request, QueryRequest)
     question = body.question.strip()
     limit = services.settings.max_question_chars
     if not question:
@@ -66,12 +65,5 @@ async def query(body: QueryRequest, request: Request, services: ServicesDep) -> 
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             ping=15,
         )
-    result = await queries.answer(question, body.max_sources, body.temperature)
-    return QueryResponse(
-        answer=result.answer,
-        sources=[_source(h) for h in result.sources],
-        processing_time=round(result.processing_time, 6),
-        cached=result.cached,
-        generator=result.generator,
-        usage=asdict(result.usage) if result.usage is not None else None,
-    )
+    answer = await queries.answer_json(question, body.max_sources, body.temperature)
+    return Response(answer, media_type="application/json")
