@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
+from api.telemetry.logs import add_timestamp
 from tests.conftest import CORPUS_DIR
 from tests.otlp import OtlpReceiver
 from tests.servers import ApiServer, RedisServer, wait_until
@@ -250,6 +252,22 @@ def test_every_log_line_is_json(stack: Stack) -> None:
     for line in lines:
         record = json.loads(line)
         assert {"event", "level", "timestamp"} <= set(record), line
+        # ISO 8601, UTC, microseconds, and written within the run (not a cached second)
+        stamp = datetime.fromisoformat(record["timestamp"])
+        assert stamp.utcoffset() == timedelta(0) and len(record["timestamp"]) == 27
+        assert abs(stamp.timestamp() - time.time()) < 600, record["timestamp"]
+
+
+def test_timestamps_match_structlogs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ours formats the date once a second. The reference is what structlog's
+    TimeStamper(fmt="iso", utc=True) writes, datetime's isoformat (which, unlike ours,
+    drops the fraction when it is exactly zero: not among these instants)."""
+    clock = iter([1_800_000_000.25, 1_800_000_000.999999, 1_800_000_001.000001])
+    for now in clock:
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        ours = add_timestamp(None, "info", {})["timestamp"]
+        reference = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
+        assert ours == reference
 
 
 def test_exemplars_link_to_exported_traces_whichever_worker_answers(stack: Stack) -> None:

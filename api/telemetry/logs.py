@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -31,13 +32,30 @@ def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second seen, and its ISO text
+
+
+def add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """ISO 8601 UTC with microseconds, like structlog's TimeStamper(fmt="iso", utc=True)
+    but formatting the date once a second: in a busy worker the datetime round trip cost
+    ~7 µs of the ~25 µs an access line costs (docs/BENCHMARKS.md)."""
+    global _second
+    now, micro = divmod(round(time.time() * 1e6), 1_000_000)  # rounded as datetime does
+    second, text = _second  # one read of the pair: another thread may replace it
+    if now != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        _second = (now, text)
+    event["timestamp"] = f"{text}.{micro:06d}Z"
+    return event
+
+
 def _shared() -> list[structlog.types.Processor]:
     return [
         structlog.contextvars.merge_contextvars,  # request_id, bound by the middleware
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         add_trace_context,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_timestamp,
     ]
 
 
