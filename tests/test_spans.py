@@ -1,6 +1,6 @@
 """The lean tracer (api/telemetry/spans.py) must be indistinguishable from the SDK's on the
 wire: the same spans, ids, flags, attributes, events, links and statuses, and the same
-sampling decisions under the standard OTEL_TRACES_SAMPLER settings."""
+sampling decisions under all six standard OTEL_TRACES_SAMPLER settings."""
 
 from __future__ import annotations
 
@@ -154,6 +154,7 @@ def _decisions(make: Callable[[], tuple[trace.TracerProvider, Any]]) -> list[Dec
     "sampler,argument",
     [
         ("parentbased_always_on", ""),
+        ("always_on", ""),
         ("always_off", ""),
         ("traceidratio", "0.5"),
         ("parentbased_traceidratio", "0.5"),
@@ -192,3 +193,37 @@ def test_the_relay_applies_the_limits_as_the_sdk_does(monkeypatch: pytest.Monkey
     assert [a.key for a in span.attributes] == ["long", "tags"]  # the newest two, cut to 5
     assert span.attributes[0].value.string_value == "abcde"
     assert span.dropped_attributes_count == 2 and span.dropped_events_count == 1
+
+
+def test_odd_values_scopes_and_remote_links_arrive_as_the_sdk_sends_them():
+    remote = TraceContextTextMapPropagator().extract(CALLER)
+    remote_context = trace.get_current_span(remote).get_span_context()
+
+    def scenario(_: trace.Tracer, provider: trace.TracerProvider) -> None:
+        tracer = provider.get_tracer("httpx", "0.1", "https://opentelemetry.io/schemas/1.11.0")
+        odd: dict[str, Any] = {
+            "none": None,
+            "list with none": ["a", None],
+            "bytes": b"\x00\xff",
+            "beyond 64 bits": 2**64,
+            "map": {"a": None, "b": 1},
+            "no str": object(),
+            "tuple": (1, 2),
+        }
+        with tracer.start_as_current_span("s", attributes=odd) as span:
+            span.add_link(remote_context, {"why": "caller"})
+
+    sent = []
+    for make in (_lean, _sdk):
+        provider, memory = make()
+        random.seed(5)
+        scenario(provider.get_tracer("api"), provider)
+        sent.append(list(memory.get_finished_spans()))
+    lean = relay.to_otlp(relay.encode(sent[0])[4:])
+    assert _timeless(lean) == _timeless(encode_spans(sent[1]))
+    scope_spans = lean.resource_spans[0].scope_spans[0]
+    assert scope_spans.schema_url.endswith("1.11.0")
+    (link,) = scope_spans.spans[0].links
+    assert link.flags & 0x200  # the link's span is remote
+    keys = [a.key for a in scope_spans.spans[0].attributes]
+    assert "beyond 64 bits" not in keys and "bytes" in keys  # one key lost, not the span

@@ -17,13 +17,15 @@ Back-pressure stays where the SDK puts it: if the relay or the collector is slow
 worker's BatchSpanProcessor queue fills and drops spans instead of slowing requests.
 
 Frame on the socket: 4-byte big-endian length, then JSON
-`{"resource": {...}, "spans": [[name, trace_id, span_id, flags, trace_state, parent_id,
-parent_remote, kind, start, end, attributes, status_code, status_description, events,
-links, scope_name, scope_version], ...]}` with ids as hex.
+`{"resource": {...}, "resource_schema_url": "", "spans": [[name, trace_id, span_id, flags,
+trace_state, parent_id, parent_remote, kind, start, end, attributes, status_code,
+status_description, events, links, scope_name, scope_version, scope_schema_url,
+scope_attributes], ...]}` with ids as hex and bytes values tagged.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -62,8 +64,21 @@ _HAS_REMOTE, _IS_REMOTE = 0x100, 0x200
 
 
 # --- the worker's side
+_BYTES = "\x00bytes"  # marks a bytes value in a row: JSON has no bytes
+
+
 def _context(ctx: SpanContext) -> list[Any]:
     return [format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"), int(ctx.trace_flags)]
+
+
+def _json(value: Any) -> Any:
+    """What orjson cannot write: bytes (tagged, restored by the relay) and other objects,
+    which become their str() as the SDK makes them, or null if they have none."""
+    if isinstance(value, bytes | bytearray):
+        return {_BYTES: base64.b64encode(value).decode()}
+    if type(value).__str__ is object.__str__:  # type: ignore[comparison-overlap]
+        return None
+    return str(value)
 
 
 def encode(spans: Sequence[ReadableSpan]) -> bytes:
@@ -87,14 +102,55 @@ def encode(spans: Sequence[ReadableSpan]) -> bytes:
                 span.status.status_code.value,
                 span.status.description,
                 [[e.name, e.timestamp, dict(e.attributes or {})] for e in span.events],
-                [[*_context(link.context), dict(link.attributes or {})] for link in span.links],
+                [
+                    [*_context(link.context), dict(link.attributes or {}), link.context.is_remote]
+                    for link in span.links
+                ],
                 scope.name if scope else "",
                 scope.version if scope else None,
+                scope.schema_url if scope else "",
+                dict(scope.attributes or {}) if scope else {},
             ]
         )
-    resource = dict(spans[0].resource.attributes) if spans else {}
-    payload = orjson.dumps({"resource": resource, "spans": rows}, default=str)
+    resource = spans[0].resource if spans else None
+    message = {
+        "resource": dict(resource.attributes) if resource else {},
+        "resource_schema_url": resource.schema_url if resource else "",
+        "spans": rows,
+    }
+    try:
+        payload = orjson.dumps(message, default=_json, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # an integer beyond 64 bits, which OTLP cannot carry either
+        _drop_big_integers(message)
+        payload = orjson.dumps(message, default=_json, option=orjson.OPT_NON_STR_KEYS)
     return _HEADER.pack(len(payload)) + payload
+
+
+def _fits(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return bool(-(2**63) <= value < 2**64)
+    if isinstance(value, list | tuple):
+        return all(_fits(v) for v in value)
+    if isinstance(value, dict):
+        return all(_fits(v) for v in value.values())
+    return True
+
+
+def _drop_big_integers(message: dict[str, Any]) -> None:
+    """Drop the attributes holding an integer beyond 64 bits: the SDK's encoder loses such
+    a key alone, and so do we, rather than the whole batch."""
+
+    def clean(attributes: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in attributes.items() if _fits(v)}
+
+    message["resource"] = clean(message["resource"])
+    for row in message["spans"]:
+        row[10] = clean(row[10])
+        for event in row[13]:
+            event[2] = clean(event[2])
+        for link in row[14]:
+            link[3] = clean(link[3])
+        row[18] = clean(row[18])
 
 
 class RelaySpanExporter(SpanExporter):
@@ -150,6 +206,8 @@ class RelaySpanExporter(SpanExporter):
 # --- the relay's side
 def _value(value: Any, length: int | None) -> AnyValue:
     """An attribute value as the SDK's encoder writes it, strings cut to `length`."""
+    if value is None:
+        return AnyValue()
     if isinstance(value, str):
         return AnyValue(string_value=value[:length] if length else value)
     if isinstance(value, bool):
@@ -161,6 +219,8 @@ def _value(value: Any, length: int | None) -> AnyValue:
     if isinstance(value, list):
         return AnyValue(array_value=ArrayValue(values=[_value(v, length) for v in value]))
     if isinstance(value, dict):
+        if list(value) == [_BYTES]:
+            return AnyValue(bytes_value=base64.b64decode(value[_BYTES]))
         return AnyValue(kvlist_value=KeyValueList(values=_attributes(value, None, length)[0]))
     return AnyValue(string_value=str(value))
 
@@ -168,14 +228,21 @@ def _value(value: Any, length: int | None) -> AnyValue:
 def _attributes(
     attributes: dict[str, Any], count: int | None, length: int | None
 ) -> tuple[list[KeyValue], int]:
-    """Valid attributes and how many were dropped. Like the SDK's BoundedAttributes, the
-    newest `count` are kept and null values are dropped."""
-    items = [(k, v) for k, v in attributes.items() if v is not None]
-    dropped = len(attributes) - len(items)
+    """The attributes as KeyValues, and how many the count limit dropped. Like the SDK:
+    the newest `count` are kept, and a value OTLP cannot carry (an integer beyond 64
+    bits) loses its key alone, not the span or the batch."""
+    items = list(attributes.items())
+    dropped = 0
     if count is not None and len(items) > count:
-        dropped += len(items) - count
-        items = items[len(items) - count :] if count else []
-    return [KeyValue(key=k, value=_value(v, length)) for k, v in items], dropped
+        dropped = len(items) - count
+        items = items[dropped:]
+    encoded = []
+    for key, value in items:
+        try:
+            encoded.append(KeyValue(key=str(key), value=_value(value, length)))
+        except ValueError:
+            continue
+    return encoded, dropped
 
 
 def _newest(items: list[Any], count: int | None) -> tuple[list[Any], int]:
@@ -192,7 +259,7 @@ def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> ExportTraceServ
     limits = limits or SpanLimits()
     length, span_length = limits.max_attribute_length, limits.max_span_attribute_length
     message = orjson.loads(payload)
-    scopes: dict[tuple[str, str | None], list[Span]] = {}
+    scopes: dict[bytes, tuple[InstrumentationScope, str, list[Span]]] = {}
     for (
         name,
         trace_id,
@@ -211,6 +278,8 @@ def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> ExportTraceServ
         links,
         scope_name,
         scope_version,
+        scope_schema_url,
+        scope_attributes,
     ) in message["spans"]:
         span_attributes, dropped_attributes = _attributes(
             attributes, limits.max_span_attributes, span_length
@@ -238,19 +307,25 @@ def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> ExportTraceServ
             status=Status(code=status_code, message=status_description or ""),
             flags=_HAS_REMOTE | (_IS_REMOTE if parent_remote else 0),
         )
-        scopes.setdefault((scope_name, scope_version), []).append(span)
+        key = orjson.dumps([scope_name, scope_version, scope_schema_url, scope_attributes])
+        if key not in scopes:
+            scope = InstrumentationScope(
+                name=scope_name,
+                version=scope_version or "",
+                attributes=_attributes(scope_attributes, None, None)[0],
+            )
+            scopes[key] = (scope, scope_schema_url or "", [])
+        scopes[key][2].append(span)
     resource, _ = _attributes(message["resource"], None, None)
     return ExportTraceServiceRequest(
         resource_spans=[
             ResourceSpans(
                 resource=Resource(attributes=resource),
                 scope_spans=[
-                    ScopeSpans(
-                        scope=InstrumentationScope(name=scope_name, version=scope_version or ""),
-                        spans=spans,
-                    )
-                    for (scope_name, scope_version), spans in scopes.items()
+                    ScopeSpans(scope=scope, spans=spans, schema_url=schema_url)
+                    for scope, schema_url, spans in scopes.values()
                 ],
+                schema_url=message.get("resource_schema_url") or "",
             )
         ]
     )
@@ -266,14 +341,14 @@ def _event(
 
 
 def _link(row: list[Any], count: int | None, length: int | None) -> Span.Link:
-    trace_id, span_id, _flags, attributes = row
+    trace_id, span_id, _flags, attributes, remote = row
     kept, dropped = _attributes(attributes, count, length)
     return Span.Link(
         trace_id=bytes.fromhex(trace_id),
         span_id=bytes.fromhex(span_id),
         attributes=kept,
         dropped_attributes_count=dropped,
-        flags=_HAS_REMOTE,
+        flags=_HAS_REMOTE | (_IS_REMOTE if remote else 0),
     )
 
 

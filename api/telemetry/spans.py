@@ -12,10 +12,14 @@ plain record: ids, times, a dict of attributes. The SDK still does the rest:
   parent-based sampler (the default) takes the parent's decision without a call;
 - batching: the SDK's `BatchSpanProcessor` (OTEL_BSP_*) receives finished spans;
 - export: finished spans read like the SDK's `ReadableSpan`, so both the span relay and
-  the SDK's OTLP exporter take them as they are. Attribute limits and value validation
-  (OTEL_SPAN_ATTRIBUTE_*) are applied by the relay, off the request path.
+  the SDK's OTLP exporter take them as they are. Attribute limits (OTEL_SPAN_*_LIMIT)
+  are applied by the relay, off the request path; a process without the relay (a bare
+  uvicorn, the tests) exports through the SDK's exporter directly, without them.
 
-The instrumentations (httpx) see an ordinary API tracer.
+The instrumentations (httpx) see an ordinary API tracer. Two things the SDK offers are
+left out because nothing here uses them: span processors get `on_end` only (the batch
+processor's `on_start` does nothing), and `start_as_current_span` is a context manager,
+not also a decorator.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ class LeanSpan(trace.Span):
         self.parent = parent
         self.kind = kind
         self.attributes = attributes
-        self.links = list(links)
+        self.links = [link for link in links if _valid_link(link.context, link.attributes)]
         self.events: list[Event] = []
         self.status = _UNSET
         self.start_time = start_time or _now()
@@ -131,12 +135,12 @@ class LeanSpan(trace.Span):
     def add_event(
         self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
     ) -> None:
-        if self.end_time is None:
-            self.events.append(Event(name, attributes, timestamp or _now()))
+        if self.end_time is None:  # copied: the caller may reuse its dict
+            self.events.append(Event(name, dict(attributes or {}), timestamp or _now()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if self.end_time is None and context.is_valid:
-            self.links.append(Link(context, attributes))
+        if self.end_time is None and _valid_link(context, attributes):
+            self.links.append(Link(context, dict(attributes or {})))
 
     def update_name(self, name: str) -> None:
         if self.end_time is None:
@@ -183,13 +187,19 @@ class LeanSpan(trace.Span):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc_val, Exception) and self.end_time is None:
+        # Any exception, as the SDK's Span.__exit__ (use_span, below, takes Exception only).
+        if exc_val is not None and self.end_time is None:
             _failed(self, exc_val, self._record_exception, self._set_status_on_exception, True)
         self.end()
 
 
+def _valid_link(context: SpanContext, attributes: types.Attributes) -> bool:
+    """The SDK's rule: a link needs a valid context, or at least attributes or a state."""
+    return bool(context and (context.is_valid or attributes or context.trace_state))
+
+
 def _failed(
-    span: trace.Span, exc: Exception, record: bool, set_status: bool, escaped: bool
+    span: trace.Span, exc: BaseException, record: bool, set_status: bool, escaped: bool
 ) -> None:
     # `escaped` as the SDK has it: True from a span's own __exit__, False from use_span.
     if record:
@@ -321,6 +331,7 @@ class LeanTracerProvider(trace.TracerProvider):
         atexit.register(self.shutdown)
 
     def add_span_processor(self, processor: SpanProcessor) -> None:
+        """The processor's `on_end` receives every finished span; `on_start` is not called."""
         self.processors.append(processor)
 
     def get_tracer(
