@@ -53,6 +53,7 @@ class _Opened:
     started: float
     key: str | None
     cached: bytes | None = None  # the stored record: the answer's JSON body, less timing
+    record: dict[str, Any] | None = None  # the same, parsed (for a stream)
     completion: Completion | None = None
 
 
@@ -101,7 +102,8 @@ class QueryService:
     async def answer_json(self, question: str, max_sources: int, temperature: float) -> bytes:
         """The answer as the JSON body of a `QueryResponse`. A cached answer is its stored
         record with the timing put in front, never parsed or re-rendered: on the cached
-        path that is most of the work left (docs/BENCHMARKS.md)."""
+        path that is most of the work left (docs/BENCHMARKS.md). A stream's events are
+        built from the parsed record instead."""
         opened = await self._open(question, max_sources, temperature)
         if opened.cached is not None:
             elapsed = round(time.perf_counter() - opened.started, 6)
@@ -124,12 +126,12 @@ class QueryService:
     ) -> AsyncIterator[Event]:
         """Opens the answer first, so a generator that cannot start raises here, before any
         event is sent (and the client gets a 503, not a broken stream)."""
-        opened = await self._open(question, max_sources, temperature)
+        opened = await self._open(question, max_sources, temperature, parse=True)
         return self._stream(opened)
 
     async def _stream(self, opened: _Opened) -> AsyncIterator[Event]:
-        if opened.cached is not None:
-            record = orjson.loads(opened.cached)
+        if opened.record is not None:
+            record = opened.record
             yield Event("sources", {"sources": record["sources"]})
             yield Event("token", {"text": record["answer"]})
             timing = {"processing_time": round(time.perf_counter() - opened.started, 6)}
@@ -156,7 +158,9 @@ class QueryService:
             await completion.close()
         yield Event("done", _done(await self._finish(opened, "".join(parts))))
 
-    async def _open(self, question: str, max_sources: int, temperature: float) -> _Opened:
+    async def _open(
+        self, question: str, max_sources: int, temperature: float, parse: bool = False
+    ) -> _Opened:
         started = time.perf_counter()
         key = None
         if self._cache is not None:
@@ -172,13 +176,15 @@ class QueryService:
             if found is not None:
                 generation, record = found
                 key = answer_key(generation, digest)
-                hit = record is not None and record[:1] == b"{"
+                # A stream needs the record parsed; a JSON answer serves its bytes.
+                parsed = _parsed(record) if parse and _whole(record) else None
+                hit = parsed is not None if parse else _whole(record)
                 telemetry.count(
                     metrics.CACHE_REQUESTS, layer="answer", result="hit" if hit else "miss"
                 )
                 if hit:
                     telemetry.note(cached=True)
-                    return _Opened(started, key, cached=record)
+                    return _Opened(started, key, cached=record, record=parsed)
         telemetry.note(cached=False)
         sources = await run_in_threadpool(self.retrieve, question, max_sources)
         try:
@@ -284,6 +290,27 @@ async def _start(
         end()
 
     return replace(completion, deltas=deltas(), close=close)
+
+
+# A record is `{"answer":…,"sources":…,"generator":…,"usage":null}`, rendered by orjson.
+_RECORD_START, _RECORD_END = b'{"answer":', b',"usage":null}'
+
+
+def _whole(record: bytes | None) -> bool:
+    """Whether a record looks whole. Its format version is part of its key, so anything
+    else found there was cut short or written by something other than this service:
+    a miss, not an answer."""
+    return bool(record and record.startswith(_RECORD_START) and record.endswith(_RECORD_END))
+
+
+def _parsed(record: bytes | None) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(record or b"")
+        if isinstance(parsed["answer"], str) and isinstance(parsed["sources"], list):
+            return dict(parsed)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        pass
+    return None
 
 
 def public_source(hit: Hit) -> dict[str, Any]:

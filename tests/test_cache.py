@@ -79,6 +79,27 @@ def test_ingest_and_delete_invalidate_cached_answers(served):
     assert ask(served)["cached"] is True
 
 
+@pytest.mark.parametrize(
+    "damaged", [b"", b"{}", b'{"answer":"cut sh', b"not json", b'{"answer":"x","sources":[{}']
+)
+def test_a_damaged_cached_answer_is_a_miss_not_an_answer(served, redis_server, damaged):
+    import redis
+
+    served.post("/documents", json={"documents": [FREEZE]})
+    first = ask(served)
+    client = redis.Redis.from_url(redis_server.url)
+    (key,) = client.keys("rag:answer:*")
+    client.set(key, damaged)
+    again = ask(served)
+    assert again["cached"] is False and again["answer"] == first["answer"]
+    client.set(key, damaged)
+    with served.stream("POST", "/query", json={**QUESTION, "stream": True}) as response:
+        events = [line for line in response.iter_lines() if line.startswith("event:")]
+    assert events[0] == "event: sources" and events[-1] == "event: done"
+    # The damaged record was replaced by a whole one.
+    assert ask(served)["cached"] is True
+
+
 def test_query_embeddings_are_cached_and_read_back(served, redis_server):
     import redis
 
@@ -128,14 +149,18 @@ def test_redis_outage_degrades_and_the_cache_comes_back(served, redis_server, ca
     assert ask(served)["cached"] is True
 
 
-def test_stale_answers_are_not_served_after_an_outage_with_writes(served, redis_server):
+def test_stale_answers_are_not_served_after_an_outage_with_writes(served, redis_server, capsys):
     """Redis survives (it was only unreachable), but the corpus changed meanwhile."""
     served.post("/documents", json={"documents": [FREEZE]})
     ask(served)
     assert ask(served)["cached"] is True
     redis_server.pause()  # unreachable, but its data is kept
     try:
-        ask(served)  # times out on Redis, switches the cache off
+        started = time.monotonic()
+        assert ask(served)["cached"] is False  # times out on Redis, switches the cache off
+        assert time.monotonic() - started < 3  # REDIS_TIMEOUT_SECONDS is 0.25 here
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "redis" in line]
+        assert any("TimeoutError" in line for line in warnings), warnings
         served.post("/documents", json={"documents": [PAGER]})
     finally:
         redis_server.resume()
