@@ -26,8 +26,10 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 async def json_body(request: Request, model: type[Body]) -> Body:
     """A JSON body validated by pydantic straight from its bytes. FastAPI's body
     parameters parse with json.loads first and then validate the objects: ~30 µs more on
-    a ~300 µs cached answer. Errors become the usual 422."""
+    a ~300 µs cached answer. Errors become the usual 422, located under "body" as
+    FastAPI's own are."""
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from exc
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from exc

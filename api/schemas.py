@@ -135,3 +135,20 @@ class DependencyState(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "degraded", "unavailable"]
     dependencies: dict[str, DependencyState]
+
+
+class InvalidField(BaseModel):
+    type: str = Field(description="pydantic's error type, e.g. missing, string_too_short")
+    loc: list[str | int] = Field(description='where: ["body", field, ...]')
+    msg: str
+
+
+class InvalidBody(BaseModel):
+    """422: the request body does not validate (what `json_body` and FastAPI return)."""
+
+    detail: list[InvalidField] | str
+
+
+INVALID_BODY: dict[int | str, dict[str, object]] = {
+    422: {"model": InvalidBody, "description": "the body is not valid JSON or not valid"}
+}

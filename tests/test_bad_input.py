@@ -123,6 +123,16 @@ def test_non_finite_numbers_are_422(seeded, raw):
     expect(seeded, response, 422)
 
 
+def test_validation_errors_are_located_in_the_body_and_documented(seeded):
+    detail = seeded.post("/query", json={"max_sources": 3}).json()["detail"]
+    assert [(e["type"], e["loc"]) for e in detail] == [("missing", ["body", "question"])]
+    operation = seeded.get("/openapi.json").json()["paths"]["/query"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "question"
+    ]
+    assert {"200", "422", "503"} <= set(operation["responses"])
+
+
 def test_malformed_query_json(seeded):
     response = seeded.post(
         "/query", content=b"{not json", headers={"content-type": "application/json"}

@@ -10,6 +10,7 @@ from api.deps import ServicesDep, json_body
 from api.ingest import NewDocument
 from api.loaders import load_file
 from api.schemas import (
+    INVALID_BODY,
     DeleteResponse,
     DocumentDetail,
     DocumentOut,
@@ -81,7 +82,9 @@ async def _from_upload(request: Request, services: Services) -> list[NewDocument
     return documents
 
 
-@router.post("", response_model=IngestResponse, openapi_extra=_INGEST_BODIES)
+@router.post(
+    "", response_model=IngestResponse, openapi_extra=_INGEST_BODIES, responses=INVALID_BODY
+)
 async def ingest(request: Request, services: ServicesDep) -> IngestResponse:
     """Ingest JSON documents or uploaded files (.txt .md .pdf .html). Every document is
     checked before the first write; identical content is stored once."""

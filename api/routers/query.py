@@ -8,7 +8,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.answer import Event
 from api.deps import ServicesDep, json_body
-from api.schemas import QueryRequest, QueryResponse
+from api.schemas import INVALID_BODY, QueryRequest, QueryResponse
 
 router = APIRouter(tags=["query"])
 
@@ -23,6 +23,7 @@ _STREAM_DOC = {
         }
     },
     "503": {"description": "the vector store or the LLM is unavailable"},
+    **INVALID_BODY,
 }
 
 
