@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         lifespan=lifespan,
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
-    # Routes are matched in order, and each router passed costs ~10 µs: the hot path first.
+    # Routes are tried in order: the hot path first (~20 µs less per cached answer).
     app.include_router(query.router)
     app.include_router(health.router)
     app.include_router(documents.router)
