@@ -1,0 +1,20 @@
+"""The benchmarks are code too. Each `make bench` part that drives servers runs here once,
+briefly, so a change that breaks one fails the suite instead of the next benchmark pass
+(the overhead benchmark once lost track of the span relay that way). No speed is asserted:
+the figures live in docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+from benchmarks import overhead, stack
+
+
+def test_the_overhead_benchmark_measures_all_three_servers_and_the_relay():
+    result = overhead.measure(rounds=1, seconds=1, concurrency=2)
+    assert min(result["on_rps"], result["sampled_rps"], result["off_rps"]) > 0
+    assert result["relay_us_per_request"] > 0  # the relay was found, and it did work
+
+
+def test_the_stack_benchmark_measures_both_endpoints_through_nginx():
+    result = stack.measure(rounds=1, seconds=1, connections=4)
+    assert result["health_rps"] > 0 and result["query_rps"] > 0
+    assert result["ratio"] == result["query_rps"] / result["health_rps"]
