@@ -306,7 +306,8 @@ def _whole(record: bytes | None) -> bool:
 def _parsed(record: bytes | None) -> dict[str, Any] | None:
     try:
         parsed = orjson.loads(record or b"")
-        if isinstance(parsed["answer"], str) and isinstance(parsed["sources"], list):
+        fields = (parsed["answer"], parsed["sources"], parsed["generator"])
+        if all(isinstance(f, t) for f, t in zip(fields, (str, list, str), strict=True)):
             return dict(parsed)
     except (orjson.JSONDecodeError, KeyError, TypeError):
         pass
