@@ -176,9 +176,11 @@ class QueryService:
             if found is not None:
                 generation, record = found
                 key = answer_key(generation, digest)
-                # A stream needs the record parsed; a JSON answer serves its bytes.
-                parsed = _parsed(record) if parse and _whole(record) else None
-                hit = parsed is not None if parse else _whole(record)
+                # A JSON answer serves the record's bytes; a stream needs it parsed.
+                hit, parsed = _whole(record), None
+                if hit and parse:
+                    parsed = _parsed(record)
+                    hit = parsed is not None
                 telemetry.count(
                     metrics.CACHE_REQUESTS, layer="answer", result="hit" if hit else "miss"
                 )
@@ -327,12 +329,12 @@ def public_source(hit: Hit) -> dict[str, Any]:
 
 
 def _public(answer: Answer) -> dict[str, Any]:
-    """The rest of a `QueryResponse`: what a cached record stores."""
+    """The rest of a `QueryResponse` besides `_done`'s fields: with `usage` null, what a
+    cached record stores."""
     return {
         "answer": answer.answer,
         "sources": [public_source(h) for h in answer.sources],
         "generator": answer.generator,
-        "usage": asdict(answer.usage) if answer.usage is not None else None,
     }
 
 

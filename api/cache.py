@@ -15,7 +15,6 @@ import json
 import random
 import threading
 import unicodedata
-import uuid
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -62,6 +61,11 @@ return {generation, redis.call('GET', ARGV[3] .. generation .. ':' .. ARGV[1])}
 """
 
 
+def _new_token() -> str:
+    """A corpus generation: unique, not secret, so no urandom system call per lookup."""
+    return f"{random.getrandbits(128):032x}"
+
+
 def embedding_key(model_id: str, question: str) -> str:
     digest = hashlib.sha256(normalize_question(question).encode()).hexdigest()
     return f"rag:embedding:{model_id}:{digest}"
@@ -77,7 +81,6 @@ class Cache:
             socket_connect_timeout=timeout_seconds,
             health_check_interval=30,
         )
-        self._lookup = self._redis.register_script(_LOOKUP)
         # The cached path runs on the event loop: an asyncio client saves the two thread
         # hand-offs a blocking call on the thread pool costs (~100 µs of a ~500 µs answer).
         # Its connections are made lazily, inside the worker's loop.
@@ -143,7 +146,7 @@ class Cache:
                 async with asyncio.timeout(self._timeout):
                     found = await self._alookup(
                         keys=[GENERATION_KEY],
-                        args=[digest, f"{random.getrandbits(128):032x}", ANSWER_PREFIX],
+                        args=[digest, _new_token(), ANSWER_PREFIX],
                     )
         except (redis.RedisError, TimeoutError) as exc:
             self._went_down(exc)
@@ -181,7 +184,7 @@ class Cache:
 
     def _new_generation(self) -> None:
         """Every answer cached so far becomes unreachable (the TTL reclaims them)."""
-        self._redis.set(GENERATION_KEY, uuid.uuid4().hex)
+        self._redis.set(GENERATION_KEY, _new_token())
 
     # --- failure handling
     def _span(self, operation: str) -> AbstractContextManager[Span]:
