@@ -119,11 +119,15 @@ def encode(spans: Sequence[ReadableSpan]) -> bytes:
         "spans": rows,
     }
     try:
-        payload = orjson.dumps(message, default=_json, option=orjson.OPT_NON_STR_KEYS)
+        payload = _dumps(message)
     except TypeError:  # an integer beyond 64 bits, which OTLP cannot carry either
         _drop_big_integers(message)
-        payload = orjson.dumps(message, default=_json, option=orjson.OPT_NON_STR_KEYS)
+        payload = _dumps(message)
     return _HEADER.pack(len(payload)) + payload
+
+
+def _dumps(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message, default=_json, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _fits(value: Any) -> bool:
