@@ -118,6 +118,7 @@ def _checks(topology: Topology) -> dict[str, Callable[[], bool]]:
 
 def wait_ready(topology: Topology, timeout: float) -> None:
     pending = _checks(topology)
+    waiting: list[str] = []  # what the error names: still pending, or given up on
     replicas = set(topology.replica_names())
     deadline = time.monotonic() + timeout
     next_status = time.monotonic() + 5
@@ -135,32 +136,27 @@ def wait_ready(topology: Topology, timeout: float) -> None:
             next_status = time.monotonic() + 5
             status = supervisorctl(topology, "status")
             if "FATAL" in status:
-                pending = {
-                    line.split()[0]: pending.get(line.split()[0], lambda: False)
-                    for line in status.splitlines()
-                    if "FATAL" in line
-                }
+                waiting = [line.split()[0] for line in status.splitlines() if "FATAL" in line]
                 break
         time.sleep(0.5)
-    if pending:
+    waiting = waiting or list(pending)
+    if waiting:
         details = []
-        for name in pending:
+        for name in waiting:
             log = topology.log_dir / f"{name}.log"
             tail = log.read_text(errors="replace")[-1500:] if log.exists() else "(no log)"
             details.append(f"--- {name} ({log}):\n{tail}")
         raise StackError(
-            f"not ready after {timeout:.0f}s: {', '.join(pending)}\n" + "\n".join(details)
+            f"not ready after {timeout:.0f}s: {', '.join(waiting)}\n" + "\n".join(details)
         )
 
 
-def _load_corpus(topology: Topology) -> dict[str, object]:
+def _load_corpus(topology: Topology) -> None:
     response = httpx.post(f"{topology.url}/documents/reload", timeout=600)
     if response.status_code != 200:
         raise StackError(
             f"loading the sample corpus failed: {response.status_code} {response.text}"
         )
-    result: dict[str, object] = response.json()
-    return result
 
 
 def check_nginx(topology: Topology) -> None:
@@ -176,7 +172,7 @@ def check_nginx(topology: Topology) -> None:
         raise StackError(f"nginx rejects its configuration:\n{result.stderr}")
 
 
-def up(topology: Topology, timeout: float = 300, load_corpus: bool = True) -> None:
+def up(topology: Topology, timeout: float = 300) -> None:
     _preflight(topology)
     render(topology)
     check_nginx(topology)
@@ -187,8 +183,7 @@ def up(topology: Topology, timeout: float = 300, load_corpus: bool = True) -> No
     )
     try:
         wait_ready(topology, timeout)
-        if load_corpus:
-            _load_corpus(topology)
+        _load_corpus(topology)
     except BaseException:
         down(topology)
         raise
