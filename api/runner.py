@@ -37,6 +37,19 @@ def local_model_path() -> Path:
     return found[0]
 
 
+def gunicorn_command() -> list[str]:
+    """One API replica: gunicorn with our config and app factory. The runner, the native
+    stack and the OOM finder all start replicas this way."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        "python:api.gunicorn_conf",
+        "api.main:create_app()",
+    ]
+
+
 def llm_server_command(settings: Settings, model: Path) -> list[str]:
     return [
         sys.executable,
@@ -101,17 +114,7 @@ def _supervise(settings: Settings, env: dict[str, str]) -> int:
             # The API starts anyway; /ready names the LLM as the reason it is not ready.
             log.error("local LLM did not come up", model=str(model), url=base_url)
         env.update(LLM_BASE_URL=base_url, LLM_GGUF=str(model))
-    gunicorn = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "python:api.gunicorn_conf",
-            "api.main:create_app()",
-        ],
-        env=env,
-    )
+    gunicorn = subprocess.Popen(gunicorn_command(), env=env)
     children.insert(0, gunicorn)
 
     stopping = False

@@ -305,7 +305,7 @@ def _llm_model() -> Path:
 
 def _supervisord(topology: Topology) -> str:
     from api.config import get_settings
-    from api.runner import llm_server_command
+    from api.runner import gunicorn_command, llm_server_command
 
     python = sys.executable
     run, logs = topology.run_dir, topology.log_dir
@@ -359,14 +359,7 @@ serverurl=unix://{run / "supervisor.sock"}
         parts.append(
             _program(
                 name,
-                [
-                    python,
-                    "-m",
-                    "gunicorn",
-                    "-c",
-                    "python:api.gunicorn_conf",
-                    "api.main:create_app()",
-                ],
+                gunicorn_command(),
                 topology,
                 environment=_environment(replica_env(topology, index)),
             )
