@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 
+from api.runner import gunicorn_command
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -47,6 +49,27 @@ KILL_LINE = "Perhaps out of memory?"
 
 class OomError(RuntimeError):
     pass
+
+
+class _Tail:
+    """Whether `needle` has appeared in a growing file, reading only what was added since
+    the last look: the replica's log grows by a line per request, and rereading all of
+    it five times a second would load the machine under measurement."""
+
+    def __init__(self, path: Path, needle: bytes) -> None:
+        self._path, self._needle = path, needle
+        self._offset, self._carry, self._seen = 0, b"", False
+
+    def seen(self) -> bool:
+        if self._seen:
+            return True
+        with self._path.open("rb") as f:
+            f.seek(self._offset)
+            chunk = self._carry + f.read()
+            self._offset = f.tell()
+        self._carry = chunk[-(len(self._needle) - 1) :]  # a needle split across two reads
+        self._seen = self._needle in chunk
+        return self._seen
 
 
 def _free_port() -> int:
@@ -242,14 +265,7 @@ def _start_replica(
     env.pop("REDIS_URL", None)
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "python:api.gunicorn_conf",
-                "api.main:create_app()",
-            ],
+            gunicorn_command(),
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -317,6 +333,7 @@ def find(
         baseline = group.usage()
         kills_before = group.oom_kills()
         started = time.monotonic()
+        killed_line = _Tail(log, KILL_LINE.encode())
         done: list[Stage] = []
         outcome, breaking = "no break", None
         for stage in stages(max_stages):
@@ -340,7 +357,7 @@ def find(
                         stage.peak_worker_rss[key] = max(
                             stage.peak_worker_rss.get(key, 0), _rss(pid)
                         )
-                if group.oom_kills() > kills_before or KILL_LINE in log.read_text(errors="replace"):
+                if group.oom_kills() > kills_before or killed_line.seen():
                     reason = "oom kill"
                 elif usage >= THRESHOLD * group.limit and not until_kill:
                     reason = f"memory above {THRESHOLD:.0%} of the limit"
