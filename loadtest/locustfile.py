@@ -55,7 +55,6 @@ SHAPE = os.environ.get("LOADTEST_SHAPE", "")
 _recorder = Recorder()
 _aggregate = Aggregate()
 _run: dict[str, float] = {}  # start, stop, metrics port: facts for raw.json
-_workers: set[str] = set()
 _announced: list[Path | None] = []
 _ids = itertools.count()
 _banks: dict[int, Iterator[str]] = {}
@@ -177,40 +176,34 @@ KINDS: dict[str, tuple[Request, int]] = {
 }
 
 
-class CacheHitUser(FastHttpUser):
+class _KindUser(FastHttpUser):
+    """Sends one kind of request from KINDS, the one its class is named for."""
+
+    abstract = True
+
+    @task
+    def send(self) -> None:
+        KINDS[type(self).__name__][0](self.client, time.perf_counter())
+
+
+class CacheHitUser(_KindUser):
     weight = KINDS["CacheHitUser"][1]
 
-    @task
-    def send(self) -> None:
-        ask_popular(self.client, time.perf_counter())
 
-
-class CacheMissUser(FastHttpUser):
+class CacheMissUser(_KindUser):
     weight = KINDS["CacheMissUser"][1]
 
-    @task
-    def send(self) -> None:
-        ask_new(self.client, time.perf_counter())
 
-
-class StreamingUser(FastHttpUser):
+class StreamingUser(_KindUser):
     weight = KINDS["StreamingUser"][1]
 
-    @task
-    def send(self) -> None:
-        ask_streaming(self.client, time.perf_counter())
 
-
-class IngestUser(FastHttpUser):
+class IngestUser(_KindUser):
     weight = KINDS["IngestUser"][1]
     # Every upload changes the corpus and so retires every cached answer: in the mixed
     # scenario uploads are paced (LOADTEST_INGEST_EVERY seconds per user), as they are in
     # real use; alone, they run flat out.
     wait_time = constant_pacing(float(os.environ.get("LOADTEST_INGEST_EVERY", "0")))
-
-    @task
-    def send(self) -> None:
-        ingest(self.client, time.perf_counter())
 
 
 # --- the open model
@@ -231,7 +224,9 @@ class _Schedule:
 
 
 _schedule = _Schedule(ARRIVAL_RATE) if ARRIVAL_RATE > 0 else None
-_mix = [(KINDS[name][0], KINDS[name][1]) for name in SCENARIOS.get(SCENARIO, [])]
+# The open model's mix, drawn from on every send: built once.
+_mix_requests = [KINDS[name][0] for name in SCENARIOS.get(SCENARIO, [])]
+_mix_weights = [KINDS[name][1] for name in SCENARIOS.get(SCENARIO, [])]
 
 
 class OpenModelUser(FastHttpUser):
@@ -255,7 +250,7 @@ class OpenModelUser(FastHttpUser):
             return
         _schedule.late += behind > LATE_S
         _schedule.sent += 1
-        request = random.choices([r for r, _ in _mix], weights=[w for _, w in _mix])[0]
+        request = random.choices(_mix_requests, weights=_mix_weights)[0]
         request(self.client, slot)
 
 
@@ -311,15 +306,19 @@ def _generator_stats() -> dict[str, Any]:
     return stats
 
 
+def _payload() -> dict[str, Any]:
+    """This process's figures since the last call, for the aggregate."""
+    return {**_recorder.take(), "generator": _generator_stats()}
+
+
 @events.report_to_master.add_listener
 def _to_master(client_id: str, data: dict[str, Any]) -> None:
-    data["hdr"] = {**_recorder.take(), "generator": _generator_stats()}
+    data["hdr"] = _payload()
 
 
 @events.worker_report.add_listener
 def _from_worker(client_id: str, data: dict[str, Any]) -> None:
     if "hdr" in data:
-        _workers.add(client_id)
         _aggregate.add(data["hdr"], source=client_id)
 
 
@@ -343,7 +342,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         def rotate() -> None:
             while True:
                 gevent.sleep(3)
-                _aggregate.add({**_recorder.take(), "generator": _generator_stats()})
+                _aggregate.add(_payload())
 
         gevent.spawn(rotate)
 
@@ -370,7 +369,7 @@ def _on_quit(environment: Environment, **_: Any) -> None:
     if RAW_PATH is None:
         return
     if isinstance(environment.runner, LocalRunner):
-        _aggregate.add({**_recorder.take(), "generator": _generator_stats()})
+        _aggregate.add(_payload())
     counts = {
         entry.name: {
             "method": entry.method,
@@ -386,7 +385,10 @@ def _on_quit(environment: Environment, **_: Any) -> None:
             "started": _run.get("start"),
             "stopped": _run.get("stop", time.time()),
             "counts": counts,
-            "workers": len(_workers) if isinstance(environment.runner, MasterRunner) else 1,
+            # A worker's every report carries its generator figures, keyed by its id.
+            "workers": len(_aggregate.generators)
+            if isinstance(environment.runner, MasterRunner)
+            else 1,
             "metrics_port": _run.get("metrics_port"),
         },
     )
