@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,23 @@ def histogram() -> HdrHistogram:
 def encode(hist: HdrHistogram) -> str:
     raw = hist.encode()
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9}
+
+
+def summarize(hist: HdrHistogram, requests: int, failures: int, seconds: float) -> dict[str, Any]:
+    """A histogram's figures as the report gives them: counts, rate, percentiles in ms."""
+    figures: dict[str, Any] = {
+        "requests": requests,
+        "failures": failures,
+        "rps": round(requests / seconds, 3) if seconds > 0 else 0.0,
+    }
+    for key, percentile in PERCENTILES.items():
+        figures[key] = round(hist.get_value_at_percentile(percentile) / 1000, 3)
+    figures["max"] = round(hist.get_max_value() / 1000, 3)
+    figures["samples"] = hist.get_total_count()
+    return figures
 
 
 def decode(text: str) -> HdrHistogram:
@@ -99,12 +117,19 @@ class Aggregate:
             seen = self.generators.setdefault(source, [generator])
             seen[1:] = [generator]
 
+    def _since(self, seconds: float) -> Iterator[tuple[float, dict[str, str], int]]:
+        """The intervals of the last `seconds`, newest first: a long soak holds thousands,
+        and only the last few are wanted."""
+        now = time.time()
+        for interval in reversed(self.intervals):
+            if now - interval[0] > seconds:
+                return
+            yield interval
+
     def recent(self, seconds: float) -> dict[str, HdrHistogram]:
         """Each entry's latencies over the last `seconds`, merged."""
-        now, merged = time.time(), dict[str, HdrHistogram]()
-        for at, hists, _ in reversed(self.intervals):
-            if now - at > seconds:
-                break
+        merged = dict[str, HdrHistogram]()
+        for _, hists, _ in self._since(seconds):
             for name, text in hists.items():
                 merged.setdefault(name, histogram()).decode_and_add(text)
         return merged
@@ -129,10 +154,8 @@ class Aggregate:
     def check_breakpoint(self, slo: dict[str, float], users: int) -> None:
         """Judge the last few seconds against the `total` limits; remember the first breach
         and the best rate sustained before it."""
-        now = time.time()
-        recent = [(h, f) for at, h, f in self.intervals if now - at <= self.WINDOW_S]
         merged, failures = histogram(), 0
-        for hists, failed in recent:
+        for _, hists, failed in self._since(self.WINDOW_S):
             failures += failed
             for name, text in hists.items():
                 if self.kinds.get(name) != DERIVED:
@@ -140,23 +163,15 @@ class Aggregate:
         count = merged.get_total_count()
         if count < 20:  # too few to judge
             return
-        window: dict[str, Any] = {
-            "users": users,
-            "rps": round(count / self.WINDOW_S, 2),
-            "error_rate": failures / count,
-            "max": merged.get_max_value() / 1000,
-            **{
-                name: merged.get_value_at_percentile(p) / 1000
-                for name, p in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("p999", 99.9))
-            },
-        }
-        figures = {f"{k}_ms": window[k] for k in ("p50", "p90", "p95", "p99", "p999", "max")}
-        figures["error_rate"] = window["error_rate"]
-        # min_rps is not judged here: a ramp's early, light seconds would always break it.
+        window = summarize(merged, count, failures, self.WINDOW_S)
+        # Under the SLO's names (report.SLO_KEYS). min_rps is not judged here: a ramp's
+        # early, light seconds would always break it.
+        judged = {f"{k}_ms": window[k] for k in (*PERCENTILES, "max")}
+        judged["error_rate"] = failures / count
         broken = [
-            f"{key} {figures[key]:.3f} > {limit}"
+            f"{key} {judged[key]:.3f} > {limit}"
             for key, limit in slo.items()
-            if key in figures and figures[key] > limit
+            if key in judged and judged[key] > limit
         ]
         if broken:
             best = max(self.windows, key=lambda w: w["rps"], default={"rps": 0.0, "users": 0})
@@ -166,8 +181,8 @@ class Aggregate:
                 "max_sustainable_rps": best["rps"],
                 "users_at_max": best["users"],
             }
-        elif not broken:
-            self.windows.append(window)
+        else:
+            self.windows.append({"users": users, "rps": window["rps"]})
 
     def dump(self, path: Path, extra: dict[str, Any]) -> None:
         path.write_text(

@@ -10,29 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hdrh.histogram import HdrHistogram
 
-from loadtest.hdr import DERIVED, decode, histogram
+from loadtest.hdr import DERIVED, PERCENTILES, decode, histogram, summarize
 
-PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9}
 FIELDS = ["requests", "failures", "rps", *PERCENTILES, "max"]
 SLO_KEYS = {f"{p}_ms": p for p in [*PERCENTILES, "max"]} | {
     "error_rate": "error_rate",
     "min_rps": "rps",
 }
-
-
-def _figures(hist: HdrHistogram, requests: int, failures: int, seconds: float) -> dict[str, Any]:
-    figures: dict[str, Any] = {
-        "requests": requests,
-        "failures": failures,
-        "rps": round(requests / seconds, 3) if seconds > 0 else 0.0,
-    }
-    for key, percentile in PERCENTILES.items():
-        figures[key] = round(hist.get_value_at_percentile(percentile) / 1000, 3)
-    figures["max"] = round(hist.get_max_value() / 1000, 3)
-    figures["samples"] = hist.get_total_count()
-    return figures
 
 
 def build(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +33,7 @@ def build(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         count = counts.get(name, {})
         requests = int(count.get("requests", totals[name].get_total_count()))
         failures = int(count.get("failures", 0))
-        figures = _figures(totals[name], requests, failures, seconds)
+        figures = summarize(totals[name], requests, failures, seconds)
         derived = raw["kinds"].get(name) == DERIVED
         figures["kind"] = "measurement" if derived else "request"
         endpoints[name] = figures
@@ -56,7 +41,7 @@ def build(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
             total_hist.add(totals[name])
             total_requests += requests
             total_failures += failures
-    total = _figures(total_hist, total_requests, total_failures, seconds)
+    total = summarize(total_hist, total_requests, total_failures, seconds)
     # Open model: sends dropped for being hopelessly late never reached the server, but a
     # client was waiting for each. They count against the run's error rate.
     total["dropped"] = int(raw.get("generator", {}).get("dropped", 0))
