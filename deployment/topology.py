@@ -14,6 +14,7 @@ Every port and count comes from the environment, with these defaults:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -93,6 +94,9 @@ class Topology:
 
     def replica_port(self, index: int) -> int:
         return self.api_port + index - 1
+
+    def replica_metrics_dir(self, index: int) -> Path:
+        return self.run_dir / f"{self.replica_names()[index - 1]}-metrics"
 
     def ports(self) -> dict[str, int]:
         ports = {
@@ -291,13 +295,13 @@ def replica_env(topology: Topology, index: int) -> dict[str, str]:
         "LLM_GGUF": str(_llm_model()),
         # The stack loads the sample corpus once, through nginx, after everything is up.
         "INGEST_ON_START": "false",
-        "PROMETHEUS_MULTIPROC_DIR": str(
-            topology.run_dir / f"{topology.replica_names()[index - 1]}-metrics"
-        ),
+        "PROMETHEUS_MULTIPROC_DIR": str(topology.replica_metrics_dir(index)),
     }
 
 
+@functools.cache
 def _llm_model() -> Path:
+    """Found once: it searches the installed package, and every replica names it."""
     from api.runner import local_model_path
 
     return local_model_path()
@@ -432,10 +436,7 @@ def render(topology: Topology) -> None:
         stack / "nginx" / "tmp",
         stack / "prometheus" / "targets",
         stack / "prometheus" / "data",
-        *(
-            Path(replica_env(topology, i)["PROMETHEUS_MULTIPROC_DIR"])
-            for i in range(1, topology.replicas + 1)
-        ),
+        *(topology.replica_metrics_dir(i) for i in range(1, topology.replicas + 1)),
     ):
         directory.mkdir(parents=True, exist_ok=True)
     write_private(stack / "redis.conf", _redis_conf(topology))
