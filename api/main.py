@@ -26,7 +26,7 @@ from api.routers import documents, health, query
 from api.routers import metrics as metrics_router
 from api.services import Services
 from api.store import EmbeddingModelMismatch, StoreUnavailable
-from api.telemetry import configure_logging, metrics
+from api.telemetry import configure_logging, flusher, metrics
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     """Called in each worker after gunicorn forks (preload is off), so the tracer's
     threads and connections belong to the process that uses them."""
     settings = settings or get_settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, buffered=True)
     telemetry.enable_metrics(settings.metrics_enabled)
     provider = telemetry.setup_tracing()
 
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
                 services.embedder.model_id,
                 services.generator.id,
             ).set(1)
-            metrics.start_background()
+            metrics.schedule()
         # Everything built so far (model, clients, imported modules) lives as long as the
         # worker: moved out of the collector's reach, a full collection walks only what
         # requests allocate instead of pausing tens of milliseconds (docs/BENCHMARKS.md).
@@ -108,11 +108,13 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
             if telemetry.traces.exporting()
             else "local",
         )
+        flusher.start()
         try:
             yield
         finally:
             await services.aclose()
             telemetry.shutdown_tracing()
+            flusher.flush()
 
     # The server span comes from RequestTelemetry; FastAPI's own telemetry stays off.
     app = FastAPI(

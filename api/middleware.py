@@ -19,9 +19,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import telemetry
-from api.telemetry import metrics
-
-access_log = structlog.get_logger("api.access")
+from api.telemetry import logs, metrics
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNTRACKED = frozenset({"/metrics"})
@@ -110,13 +108,16 @@ class RequestTelemetry:
                     http_response_status_code=str(status),
                 )
             if self.access_log_on:
-                access_log.info(
-                    "request",
-                    method=method,
-                    route=template,
-                    status=status,
-                    duration_ms=round(elapsed * 1000, 2),
-                    **notes,
+                logs.access(
+                    {
+                        "method": method,
+                        "route": template,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        **notes,
+                    },
+                    request_id,
+                    None if span is None else span.get_span_context(),
                 )
             structlog.contextvars.unbind_contextvars("request_id")
             telemetry.request_notes.reset(notes_token)

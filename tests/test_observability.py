@@ -21,6 +21,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
+from api.telemetry import flusher
 from api.telemetry.logs import add_timestamp
 from tests.conftest import CORPUS_DIR
 from tests.otlp import OtlpReceiver
@@ -126,19 +127,29 @@ def _value(samples: list, name: str, **labels: str) -> float:
 
 
 def test_counters_add_up_exactly_across_workers(stack: Stack) -> None:
-    before = stack.metrics()["http_server_request_duration_seconds"]
-    n = 40
-    for i in range(n):  # a new connection each time, so both workers take requests
-        body = {"question": "What happens when Redis is down?" if i % 2 else "Who is on call?"}
-        assert httpx.post(f"{stack.base}/query", json=body, timeout=60).status_code == 200
-    families = stack.metrics()
-    after = families["http_server_request_duration_seconds"]
     labels = {
         "http_route": "/query",
         "http_request_method": "POST",
         "http_response_status_code": "200",
     }
     count = "http_server_request_duration_seconds_count"
+    time.sleep(3 * flusher.TICK)  # earlier requests' increments are in the files
+    before = stack.metrics()["http_server_request_duration_seconds"]
+    n = 40
+    for i in range(n):  # a new connection each time, so both workers take requests
+        body = {"question": "What happens when Redis is down?" if i % 2 else "Who is on call?"}
+        assert httpx.post(f"{stack.base}/query", json=body, timeout=60).status_code == 200
+
+    def counted() -> float:
+        after = stack.metrics()["http_server_request_duration_seconds"]
+        return _value(after, count, **labels) - _value(before, count, **labels)
+
+    # Increments reach the shared files within a flusher tick: wait for them, then see
+    # that none is missing and none is counted twice.
+    wait_until(lambda: counted() >= n, 5, "the requests counted")
+    time.sleep(3 * flusher.TICK)
+    families = stack.metrics()
+    after = families["http_server_request_duration_seconds"]
     assert _value(after, count, **labels) - _value(before, count, **labels) == n
     # Buckets rise to +Inf, which equals the count; the sum is plausible.
     buckets = sorted(

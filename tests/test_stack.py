@@ -177,12 +177,18 @@ def test_nginx_and_the_api_log_the_same_request_id(topology: Topology) -> None:
         edge = _nginx_entry(topology, request_id)
         port = int(str(edge["upstream_addr"]).rsplit(":", 1)[1])
         replica = topology.replica_names()[port - topology.api_port]
-        api_lines = [
-            json.loads(line)
-            for line in (topology.log_dir / f"{replica}.log").read_text().splitlines()
-            if line.startswith("{") and request_id in line
-        ]
-        assert [(e["event"], e["route"]) for e in api_lines] == [("request", "/query")]
+        log = topology.log_dir / f"{replica}.log"
+
+        def api_lines(log: Path = log, request_id: str = request_id) -> list[dict[str, object]]:
+            return [
+                json.loads(line)
+                for line in log.read_text().splitlines()
+                if line.startswith("{") and request_id in line
+            ]
+
+        # The API writes its access lines a flusher tick later (api/telemetry/flusher.py).
+        wait_until(lambda: bool(api_lines()), 5, f"the API's line for {request_id}")
+        assert [(e["event"], e["route"]) for e in api_lines()] == [("request", "/query")]
 
 
 def test_prometheus_scrapes_every_target(topology: Topology) -> None:

@@ -19,9 +19,11 @@ from typing import Any
 import orjson
 import structlog
 from opentelemetry import trace
+from opentelemetry.trace import SpanContext
+
+from api.telemetry import flusher
 
 _HANDLER = "rag-api"
-_WRITE_LOCK = threading.Lock()
 
 
 def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -74,21 +76,83 @@ def _renderer(fmt: str, text: bool) -> structlog.types.Processor:
     return lambda logger, name, event: console(logger, name, event).encode()
 
 
+class _Lines:
+    """Where our lines wait for the flusher (api/telemetry/flusher.py) when buffering is
+    on: one write a tenth of a second instead of one per request. A warning or worse is
+    written at once, after the lines before it. Written under the lock, so lines from
+    several threads keep their order."""
+
+    MAX = 256  # lines held before a write regardless of the clock
+
+    def __init__(self) -> None:
+        self._lines: list[bytes] = []
+        self._lock = threading.Lock()
+        self.buffered = False
+
+    def add(self, line: bytes, urgent: bool) -> None:
+        with self._lock:
+            self._lines.append(line)
+            if self.buffered and not urgent and len(self._lines) < self.MAX:
+                return
+            self._write()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        # Looked up per write, not bound once: loggers cached on first use keep working
+        # when the stream is replaced (pytest's capture does that between tests).
+        stream = sys.stderr.buffer
+        stream.write(b"".join(lines))
+        stream.flush()
+
+
+LINES = _Lines()
+
+
 class StderrLogger:
-    """structlog's output end: one write per line to whatever `sys.stderr` is now. Looked
-    up per line, not bound once, so loggers cached on first use keep working when the
-    stream is replaced (pytest's capture does that between tests)."""
+    """structlog's output end: rendered lines (bytes) to stderr, through `LINES`."""
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
 
     def msg(self, message: bytes) -> None:
-        stream = sys.stderr.buffer
-        with _WRITE_LOCK:
-            stream.write(message + b"\n")
-            stream.flush()
+        LINES.add(message + b"\n", urgent=False)
 
-    debug = info = warning = warn = error = err = critical = exception = fatal = log = msg
+    def urgent(self, message: bytes) -> None:
+        LINES.add(message + b"\n", urgent=True)
+
+    debug = info = log = msg
+    warning = warn = error = err = critical = exception = fatal = urgent
+
+
+_access = {"json": True, "on": True}
+
+
+def access(fields: dict[str, Any], request_id: str, context: SpanContext | None) -> None:
+    """The access line, written once per request by the middleware. In JSON it is
+    rendered here, without structlog's processor chain: in a busy worker that chain cost
+    ~30 µs a line, this ~5 (docs/BENCHMARKS.md). The keys, their order and their values
+    are what structlog writes for `get_logger("api.access").info("request", **fields)`
+    inside the request (tests/test_logs.py compares the two)."""
+    if not _access["on"]:
+        return
+    if not _access["json"]:  # development: the console renderer, through structlog
+        structlog.get_logger("api.access").info("request", **fields)
+        return
+    fields["event"] = "request"
+    fields["request_id"] = request_id
+    fields["level"] = "info"
+    fields["logger"] = "api.access"
+    if context is not None and context.is_valid:
+        fields["trace_id"] = format(context.trace_id, "032x")
+        fields["span_id"] = format(context.span_id, "016x")
+    add_timestamp(None, "", fields)
+    LINES.add(orjson.dumps(fields, default=str) + b"\n", urgent=False)
 
 
 def formatter(fmt: str = "json") -> logging.Formatter:
@@ -103,8 +167,15 @@ def formatter(fmt: str = "json") -> logging.Formatter:
     )
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+def configure_logging(level: str = "info", fmt: str = "json", buffered: bool = False) -> None:
+    """`buffered`: info lines wait up to a flusher tick (the app in a worker); a
+    command-line process writes each line at once."""
     numeric = logging.getLevelName(level.upper())
+    _access.update(json=fmt == "json", on=numeric <= logging.INFO)
+    LINES.flush()
+    LINES.buffered = buffered
+    if buffered:
+        flusher.every(1, LINES.flush)
     structlog.configure(
         processors=[
             *_shared(),

@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -36,13 +35,70 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     multiprocess,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.samples import Exemplar
 
+from api.telemetry import flusher
+
 MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+_pending_lock = threading.Lock()
+_pending: list[Any] = []  # values with increments not yet in their mmap file
+
+
+def _deferred(mmaped: type) -> type:
+    """prometheus_client's multiprocess value, with increments written by the flusher
+    instead of at once. An increment in multiprocess mode takes a lock, calls getpid() and
+    writes the mmap file; a request made five of them. Now it adds to a number, and the
+    files trail by at most a flusher tick (a worker killed with SIGKILL loses that much).
+    A scrape flushes the answering worker first. `set` is not deferred (gauges that are
+    set are sampled rarely), and drops the increments it overrides. Swapping
+    `values.ValueClass` is the library's documented way to change how values are kept."""
+
+    class Deferred(mmaped):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._unwritten = 0.0
+            self._queued = False
+
+        def inc(self, amount: float) -> None:
+            with _pending_lock:
+                self._unwritten += amount
+                if not self._queued:
+                    self._queued = True
+                    _pending.append(self)
+
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            with _pending_lock:
+                self._unwritten = 0.0
+            super().set(value, timestamp)
+
+        def get(self) -> float:
+            with _pending_lock:
+                return float(super().get()) + self._unwritten
+
+        def write(self) -> None:
+            """Under `_pending_lock`."""
+            amount, self._unwritten, self._queued = self._unwritten, 0.0, False
+            if amount:
+                super().inc(amount)
+
+    return Deferred
+
+
+def flush_pending() -> None:
+    with _pending_lock:
+        for value in _pending:
+            value.write()
+        _pending.clear()
+
+
+if MULTIPROC_DIR is not None and getattr(values.ValueClass, "_multiprocess", False):
+    values.ValueClass = _deferred(values.ValueClass)
 # In multiprocess mode metrics are read back from the files, not from a registry.
 REGISTRY = CollectorRegistry(auto_describe=True)
 if MULTIPROC_DIR is None:
@@ -259,7 +315,8 @@ def _attach(name: str, sample: Any, exemplars: dict[str, tuple[str, float, float
 def exposition(accept: str, extra: Iterable[Any] = ()) -> tuple[bytes, str]:
     """The /metrics body: OpenMetrics (with exemplars) when the scraper asks for it."""
     if MULTIPROC_DIR:
-        sample_process()  # this worker's figures are fresh; the others' are seconds old
+        flush_pending()  # this worker's figures are fresh; the others' trail by a tick,
+        sample_process()  # and their RSS and CPU by seconds
         source = CollectorRegistry()
         multiprocess.MultiProcessCollector(source, MULTIPROC_DIR)
     else:
@@ -271,27 +328,10 @@ def exposition(accept: str, extra: Iterable[Any] = ()) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-_background: threading.Thread | None = None
-
-
-def start_background(interval: float = 5.0) -> None:
-    """Once per worker process (an app started twice in one process reuses it): keep its
-    RSS/CPU gauges current and its exemplars flushed."""
-    global _background
-    if _background is not None:
-        return
-
-    def loop() -> None:
-        while True:
-            try:
-                sample_process()
-                for _ in range(int(interval)):
-                    EXEMPLARS.flush()
-                    time.sleep(1.0)
-            except OSError as exc:  # a full tmpfs, say: keep trying, do not die silently
-                structlog.get_logger(__name__).warning("metrics sampling failed", error=str(exc))
-                time.sleep(interval)
-
+def schedule() -> None:
+    """Once per worker: its RSS/CPU gauges kept current and its exemplars written, by the
+    telemetry flusher (api/telemetry/flusher.py)."""
     sample_process()
-    _background = threading.Thread(target=loop, name="metrics", daemon=True)
-    _background.start()
+    flusher.every(1, flush_pending)
+    flusher.every(10, EXEMPLARS.flush)
+    flusher.every(50, sample_process)

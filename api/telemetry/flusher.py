@@ -1,0 +1,83 @@
+"""One background thread per worker that moves telemetry out of the request path.
+
+A request only records: its log lines wait in memory, its metric increments add to plain
+numbers. This thread writes them out every tenth of a second (log lines to stderr,
+increments to prometheus_client's mmap files), and less often flushes exemplars and
+samples the worker's RSS and CPU. In a busy worker a write per request was the larger
+part of what logs and metrics cost (docs/BENCHMARKS.md).
+
+What that costs: a log line or a count reaches its file up to `TICK` seconds late, and a
+worker killed with SIGKILL loses at most that much. A warning or an error is written at
+once, with everything before it. A worker that exits normally flushes all (`flush()` from
+the app's shutdown, and at exit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from collections.abc import Callable
+
+import structlog
+
+TICK = 0.1  # seconds between flushes
+
+_tasks: list[tuple[int, Callable[[], None]]] = []  # (every how many ticks, what)
+_lock = threading.Lock()
+_started_in: int | None = None  # the pid whose thread runs: threads do not survive a fork
+
+
+def every(ticks: int, task: Callable[[], None]) -> None:
+    """Run `task` every `ticks` ticks, and once more by `flush()`."""
+    with _lock:
+        if all(t is not task for _, t in _tasks):
+            _tasks.append((ticks, task))
+
+
+def start() -> None:
+    """Start this process's thread (once; again in a forked child)."""
+    global _started_in
+    with _lock:
+        if _started_in == os.getpid():
+            return
+        _started_in = os.getpid()
+    threading.Thread(target=_run, name="telemetry-flusher", daemon=True).start()
+
+
+def flush() -> None:
+    """Everything now: at shutdown, and in tests that read what was just recorded."""
+    for _, task in list(_tasks):
+        _safely(task)
+
+
+def _run() -> None:
+    tick = 0
+    wake = threading.Event()  # never set: a sleep that is not a busy loop
+    while True:
+        wake.wait(TICK)
+        tick += 1
+        for ticks, task in list(_tasks):
+            if tick % ticks == 0:
+                _safely(task)
+
+
+_failing: set[str] = set()
+
+
+def _safely(task: Callable[[], None]) -> None:
+    """A task that fails (a full tmpfs, a closed stream) says so once, and is retried."""
+    name = getattr(task, "__qualname__", repr(task))
+    try:
+        task()
+    except (OSError, ValueError) as exc:
+        if name not in _failing:
+            _failing.add(name)
+            structlog.get_logger(__name__).warning(
+                "telemetry flush failed", task=name, error=str(exc)
+            )
+    else:
+        _failing.discard(name)
+
+
+atexit.register(flush)

@@ -1,0 +1,108 @@
+"""Log lines: the access line's own renderer against structlog's, and the buffer that
+keeps one write per request off the request path."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from api.telemetry import flusher, logs
+from tests.servers import wait_until
+
+
+class _Stderr:
+    """What reached stderr so far, line by line."""
+
+    def __init__(self, capture: pytest.CaptureFixture[bytes]) -> None:
+        self._capture = capture
+        self._seen: list[dict[str, Any]] = []
+
+    def lines(self) -> list[dict[str, Any]]:
+        err = self._capture.readouterr().err
+        self._seen += [json.loads(line) for line in err.splitlines()]
+        return self._seen
+
+
+@pytest.fixture
+def stderr(capsysbinary: pytest.CaptureFixture[bytes]) -> Iterator[_Stderr]:
+    yield _Stderr(capsysbinary)
+    logs.configure_logging("info", "json")  # unbuffered again, for the tests after
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_the_access_line_is_what_structlog_writes(stderr: _Stderr, traced: bool) -> None:
+    logs.configure_logging("info", "json")
+    fields = {
+        "method": "POST",
+        "route": "/query",
+        "status": 200,
+        "duration_ms": 2.31,
+        "cached": True,
+        "generator": "extractive",
+        "odd": {1, 2},  # not JSON: both write its str()
+    }
+    span = (
+        trace.NonRecordingSpan(SpanContext(0xABC, 0xDEF, False, TraceFlags(TraceFlags.SAMPLED)))
+        if traced
+        else None
+    )
+    token = otel_context.attach(trace.set_span_in_context(span)) if span else None
+    structlog.contextvars.bind_contextvars(request_id="req-1")
+    try:
+        structlog.get_logger("api.access").info("request", **fields)
+        logs.access(dict(fields), "req-1", span.get_span_context() if span else None)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+        if token is not None:
+            otel_context.detach(token)
+    reference, ours = stderr.lines()
+    assert list(ours) == list(reference)  # the same keys in the same order
+    written = [datetime.fromisoformat(x.pop("timestamp")) for x in (reference, ours)]
+    assert abs((written[1] - written[0]).total_seconds()) < 1
+    assert ours == reference
+    assert ("trace_id" in ours) is traced and ours["request_id"] == "req-1"
+
+
+def test_the_access_line_follows_the_level(stderr: _Stderr) -> None:
+    logs.configure_logging("warning", "json")
+    logs.access({"status": 200}, "req-2", None)
+    assert stderr.lines() == []
+
+
+def test_info_lines_wait_and_a_warning_takes_them_along_in_order(stderr: _Stderr) -> None:
+    logs.configure_logging("info", "json", buffered=True)
+    log = structlog.get_logger("t")
+    log.info("first")
+    logs.access({"status": 200}, "req-3", None)
+    assert stderr.lines() == []  # waiting for the flusher
+    log.warning("second")
+    assert [line["event"] for line in stderr.lines()] == ["first", "request", "second"]
+    log.info("third")
+    flusher.flush()
+    assert [line["event"] for line in stderr.lines()][-1] == "third"
+
+
+def test_the_flusher_writes_waiting_lines_within_a_tick(stderr: _Stderr) -> None:
+    logs.configure_logging("info", "json", buffered=True)
+    flusher.start()
+    structlog.get_logger("t").info("soon")
+    started = time.monotonic()
+    wait_until(lambda: [line["event"] for line in stderr.lines()] == ["soon"], 5, "the line")
+    assert time.monotonic() - started < 1
+
+
+def test_many_lines_do_not_wait_for_the_clock(stderr: _Stderr) -> None:
+    logs.configure_logging("info", "json", buffered=True)
+    log = structlog.get_logger("t")
+    for i in range(logs.LINES.MAX):
+        log.info("line", i=i)
+    assert [line["i"] for line in stderr.lines()] == list(range(logs.LINES.MAX))
