@@ -3,14 +3,17 @@ of it must be, byte for byte, the OTLP the worker would have sent itself."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AnyValue
@@ -71,10 +74,12 @@ def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_the
     receiver.start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
     process = relay.Relay()
-    exporter = relay.RelaySpanExporter(process.path, timeout=2)
+    processor = relay.RelaySpanProcessor(process.path, timeout=2)
     spans = _spans()
     try:
-        assert exporter.export(spans) == SpanExportResult.SUCCESS
+        for span in spans:
+            processor.on_end(span)
+        assert processor.force_flush()
         wait_until(lambda: len(receiver.spans) == 2, 15, "spans at the collector")
         assert {s.span_id for s in receiver.spans} == {
             format(s.context.span_id, "016x") for s in spans
@@ -84,8 +89,65 @@ def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_the
         receiver.stop()
     assert not Path(process.directory).exists()
     # The relay is gone: the batch is dropped and said so, and the worker carries on.
-    assert exporter.export(spans) == SpanExportResult.FAILURE
-    exporter.shutdown()
+    processor.on_end(spans[0])
+    assert not processor.force_flush()
+    processor.shutdown()
+
+
+def test_a_full_batch_goes_at_once_and_a_full_queue_drops(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The SDK's batching rules: a batch is sent when it is full, not only when the delay
+    has passed, and spans beyond the queue's size are dropped, never waited for."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2")
+    process = relay.Relay()
+    processor = relay.RelaySpanProcessor(process.path, timeout=2)
+    try:
+        for span in _spans():
+            processor.on_end(span)
+        wait_until(lambda: len(receiver.spans) == 2, 15, "a full batch, sent without a flush")
+        processor.shutdown()
+        monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "3")
+        monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1000")
+        processor = relay.RelaySpanProcessor(process.path, timeout=2)
+        spans = _spans() + _spans() + _spans()
+        for span in spans:
+            processor.on_end(span)
+        assert processor.force_flush()
+        wait_until(lambda: len(receiver.spans) == 5, 15, "the queue's three spans")
+        time.sleep(0.5)
+        assert len(receiver.spans) == 5
+        assert {s.span_id for s in receiver.spans[2:]} == {
+            format(s.context.span_id, "016x") for s in spans[:3]
+        }
+    finally:
+        processor.shutdown()
+        process.stop()
+        receiver.stop()
+
+
+class _RecordOnly(Sampler):
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_ONLY)
+
+    def get_description(self) -> str:
+        return "record only"
+
+
+def test_an_unsampled_span_is_not_sent() -> None:
+    processor = relay.RelaySpanProcessor("/nonexistent/relay.sock", timeout=1)
+    unsampled = TracerProvider(sampler=_RecordOnly())
+    try:
+        span = unsampled.get_tracer("t").start_span("x")
+        span.end()
+        processor.on_end(span)  # type: ignore[arg-type]
+        assert processor.force_flush()  # nothing to send, so nothing failed
+    finally:
+        processor.shutdown()
 
 
 def test_links_survive():

@@ -2,8 +2,8 @@
 
 Encoding spans as OTLP protobuf costs about 26 µs per span, on the worker's GIL, on a
 thread that competes with requests: on the cached /query path that alone took 8% of
-throughput (docs/BENCHMARKS.md). So a worker's batch processor hands its finished spans
-to `RelaySpanExporter`, which writes them compactly (orjson, about 3 µs a span) to a Unix
+throughput (docs/BENCHMARKS.md). So a worker's `RelaySpanProcessor` writes each span
+compactly as it ends (orjson, about 3 µs a span) and sends batches of them to a Unix
 socket; the relay process, started by the gunicorn master, builds the very OTLP request
 the SDK's exporter would have built for those spans (tested field for field) and posts it
 with that exporter's HTTP client, configured by the standard OTEL_EXPORTER_OTLP_*
@@ -14,7 +14,7 @@ cost too: building the request straight from the rows takes 16 µs a span, where
 rebuilding SDK spans and encoding those took 40.
 
 Back-pressure stays where the SDK puts it: if the relay or the collector is slow, the
-worker's BatchSpanProcessor queue fills and drops spans instead of slowing requests.
+worker's queue fills and drops spans instead of slowing requests.
 
 Frame on the socket: 4-byte big-endian length, then JSON
 `{"resource": {...}, "resource_schema_url": "", "spans": [[name, trace_id, span_id, flags,
@@ -52,8 +52,13 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.environment_variables import (
+    OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+    OTEL_BSP_MAX_QUEUE_SIZE,
+    OTEL_BSP_SCHEDULE_DELAY,
+)
+from opentelemetry.sdk.resources import Resource as SdkResource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.trace import SpanContext
 
 SOCKET_ENV = "SPAN_RELAY_SOCKET"
@@ -81,53 +86,75 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-def encode(spans: Sequence[ReadableSpan]) -> bytes:
-    rows = []
-    for span in spans:
-        ctx = span.context
-        assert ctx is not None
-        parent = span.parent
-        scope = span.instrumentation_scope
-        rows.append(
-            [
-                span.name,
-                *_context(ctx),
-                ctx.trace_state.to_header() if ctx.trace_state else "",
-                format(parent.span_id, "016x") if parent else None,
-                bool(parent and parent.is_remote),
-                span.kind.value,
-                span.start_time,
-                span.end_time,
-                dict(span.attributes or {}),
-                span.status.status_code.value,
-                span.status.description,
-                [[e.name, e.timestamp, dict(e.attributes or {})] for e in span.events],
-                [
-                    [*_context(link.context), dict(link.attributes or {}), link.context.is_remote]
-                    for link in span.links
-                ],
-                scope.name if scope else "",
-                scope.version if scope else None,
-                scope.schema_url if scope else "",
-                dict(scope.attributes or {}) if scope else {},
-            ]
-        )
-    resource = spans[0].resource if spans else None
-    message = {
-        "resource": dict(resource.attributes) if resource else {},
-        "resource_schema_url": resource.schema_url if resource else "",
-        "spans": rows,
-    }
+def encode_span(span: ReadableSpan) -> bytes:
+    """One span's row, as JSON: done as the span ends, so what waits for the relay is
+    bytes, which the garbage collector never walks (a queue of live spans cost a busy
+    worker ~6 µs a request in collections, docs/BENCHMARKS.md)."""
+    ctx = span.context
+    assert ctx is not None
+    parent = span.parent
+    scope = span.instrumentation_scope
+    status = span.status
+    row = [
+        span.name,
+        format(ctx.trace_id, "032x"),
+        format(ctx.span_id, "016x"),
+        int(ctx.trace_flags),
+        ctx.trace_state.to_header() if ctx.trace_state else "",
+        format(parent.span_id, "016x") if parent else None,
+        bool(parent and parent.is_remote),
+        span.kind.value,
+        span.start_time,
+        span.end_time,
+        _plain(span.attributes),
+        status.status_code.value,
+        status.description,
+        [[e.name, e.timestamp, _plain(e.attributes)] for e in span.events] if span.events else [],
+        [
+            [*_context(link.context), _plain(link.attributes), link.context.is_remote]
+            for link in span.links
+        ]
+        if span.links
+        else [],
+        scope.name if scope else "",
+        scope.version if scope else None,
+        scope.schema_url if scope else "",
+        _plain(scope.attributes) if scope else {},
+    ]
     try:
-        payload = _dumps(message)
+        return _dumps(row)
     except TypeError:  # an integer beyond 64 bits, which OTLP cannot carry either
-        _drop_big_integers(message)
-        payload = _dumps(message)
+        _drop_big_integers(row)
+        return _dumps(row)
+
+
+def _plain(attributes: Any) -> dict[str, Any]:
+    """A dict as it is (an ended span's attributes no longer change); the SDK's bounded
+    mappings copied into one."""
+    return attributes if type(attributes) is dict else dict(attributes or {})
+
+
+def encode_resource(resource: SdkResource | None) -> bytes:
+    """The frame's head: the resource the spans share (one per provider)."""
+    attributes = _dumps(_fits_only(dict(resource.attributes) if resource else {}))
+    schema_url = _dumps(resource.schema_url if resource else "")
+    return b'{"resource":' + attributes + b',"resource_schema_url":' + schema_url
+
+
+def frame(resource: bytes, rows: Sequence[bytes]) -> bytes:
+    payload = resource + b',"spans":[' + b",".join(rows) + b"]}"
     return _HEADER.pack(len(payload)) + payload
 
 
-def _dumps(message: dict[str, Any]) -> bytes:
-    return orjson.dumps(message, default=_json, option=orjson.OPT_NON_STR_KEYS)
+def encode(spans: Sequence[ReadableSpan]) -> bytes:
+    """A whole frame for `spans`, which share one resource."""
+    return frame(
+        encode_resource(spans[0].resource if spans else None), [encode_span(s) for s in spans]
+    )
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_json, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _fits(value: Any) -> bool:
@@ -140,25 +167,27 @@ def _fits(value: Any) -> bool:
     return True
 
 
-def _drop_big_integers(message: dict[str, Any]) -> None:
+def _fits_only(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attributes.items() if _fits(v)}
+
+
+def _drop_big_integers(row: list[Any]) -> None:
     """Drop the attributes holding an integer beyond 64 bits: the SDK's encoder loses such
-    a key alone, and so do we, rather than the whole batch."""
-
-    def clean(attributes: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in attributes.items() if _fits(v)}
-
-    message["resource"] = clean(message["resource"])
-    for row in message["spans"]:
-        row[10] = clean(row[10])
-        for event in row[13]:
-            event[2] = clean(event[2])
-        for link in row[14]:
-            link[3] = clean(link[3])
-        row[18] = clean(row[18])
+    a key alone, and so do we, rather than the span."""
+    row[10] = _fits_only(row[10])
+    for event in row[13]:
+        event[2] = _fits_only(event[2])
+    for link in row[14]:
+        link[3] = _fits_only(link[3])
+    row[18] = _fits_only(row[18])
 
 
-class RelaySpanExporter(SpanExporter):
-    """A SpanExporter for the SDK's BatchSpanProcessor that writes to the relay's socket.
+class RelaySpanProcessor(SpanProcessor):
+    """The worker's span processor when the relay runs: the SDK's BatchSpanProcessor
+    semantics (OTEL_BSP_SCHEDULE_DELAY, _MAX_QUEUE_SIZE, _MAX_EXPORT_BATCH_SIZE; a full
+    queue drops spans rather than slowing requests), but a span is encoded as it ends
+    and its thread only sends bytes to the relay's socket.
+
     A batch that cannot be delivered is dropped (and said so, once a minute at most). The
     relay is not restarted if it dies: tracing stops until the replica restarts, and the
     workers' logs say so. The short timeout keeps a hung relay from holding a worker's
@@ -167,44 +196,106 @@ class RelaySpanExporter(SpanExporter):
     def __init__(self, path: str, timeout: float = 3.0) -> None:
         self._path = path
         self._timeout = timeout
+        self._delay = _setting(OTEL_BSP_SCHEDULE_DELAY, 5000) / 1000
+        self._max_queue = _setting(OTEL_BSP_MAX_QUEUE_SIZE, 2048)
+        self._batch = min(_setting(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, 512), self._max_queue)
+        self._resource: bytes | None = None
+        self._rows: list[bytes] = []
+        self._lock = threading.Lock()  # the rows
+        self._send_lock = threading.Lock()  # the socket, and the order of frames
+        self._wake = threading.Event()
+        self._stopped = False
         self._sock: socket.socket | None = None
         self._warned = 0.0
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._run, name="span-relay-sender", daemon=True)
+        self._thread.start()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        frame = encode(spans)
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._stopped or not span.context or not span.context.trace_flags.sampled:
+            return
+        if self._resource is None:
+            self._resource = encode_resource(span.resource)
+        row = encode_span(span)
+        with self._lock:
+            if len(self._rows) >= self._max_queue:
+                self._dropped += 1
+                return
+            self._rows.append(row)
+            full = len(self._rows) >= self._batch
+        if full and not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            self._send_all()
+
+    def _send_all(self) -> bool:
+        with self._send_lock:
+            with self._lock:
+                rows, self._rows = self._rows, []
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                self._warn("span queue full, spans dropped", dropped)
+            delivered = True
+            for i in range(0, len(rows), self._batch):
+                batch = rows[i : i + self._batch]
+                assert self._resource is not None  # set by the first span
+                delivered = self._send(frame(self._resource, batch), len(batch)) and delivered
+            return delivered
+
+    def _send(self, data: bytes, count: int) -> bool:
         for attempt in (1, 2):  # one reconnect: the connection may have gone stale
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     self._sock.settimeout(self._timeout)
                     self._sock.connect(self._path)
-                self._sock.sendall(frame)
-                return SpanExportResult.SUCCESS
+                self._sock.sendall(data)
+                return True
             except OSError as exc:
                 self._close()
                 if attempt == 2:
-                    self._warn(exc, len(spans))
-        return SpanExportResult.FAILURE
+                    self._warn(f"span relay unreachable, spans dropped: {exc}", count)
+        return False
 
-    def _warn(self, exc: OSError, count: int) -> None:
+    def _warn(self, event: str, count: int) -> None:
         if time.monotonic() - self._warned > 60:
             self._warned = time.monotonic()
             import structlog
 
-            structlog.get_logger(__name__).warning(
-                "span relay unreachable, spans dropped", error=str(exc), spans=count
-            )
+            structlog.get_logger(__name__).warning(event, spans=count)
 
     def _close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
-    def shutdown(self) -> None:
-        self._close()
-
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+        return self._send_all()
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=self._timeout)
+        self._send_all()
+        with self._send_lock:
+            self._close()
+
+
+def _setting(name: str, default: int) -> int:
+    try:
+        value = int(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 # --- the relay's side
@@ -411,6 +502,9 @@ class _RelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def serve(path: str) -> None:
     """Run the relay until SIGTERM or until its parent (the gunicorn master) is gone."""
     parent = os.getppid()
+    # Background work: where it shares a core with a worker, the request goes first. The
+    # scheduler tends to wake the relay on the core of the worker that just wrote to it.
+    os.nice(10)
     sender = OtlpSender()
     server = _RelayServer(path, sender)
     os.chmod(path, 0o600)

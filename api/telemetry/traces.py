@@ -13,8 +13,8 @@ import socket
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from api import __version__
 from api.telemetry.spans import LeanTracerProvider
@@ -54,7 +54,7 @@ def setup_tracing() -> LeanTracerProvider | None:
     provider = LeanTracerProvider(resource, sampler)
     _exporting = exporting()
     if _exporting:
-        provider.add_span_processor(BatchSpanProcessor(_exporter()))
+        provider.add_span_processor(_processor())
     trace.set_tracer_provider(provider)
     # Every httpx client (Chroma over HTTP, the LLM) gets client spans; Redis calls get
     # theirs from api/cache.py.
@@ -66,16 +66,16 @@ def setup_tracing() -> LeanTracerProvider | None:
     return provider
 
 
-def _exporter() -> SpanExporter:
+def _processor() -> SpanProcessor:
     """Under gunicorn the master's span relay encodes and sends (api/telemetry/relay.py);
     a process on its own (tests, a bare uvicorn) exports OTLP/HTTP itself."""
-    from api.telemetry.relay import SOCKET_ENV, RelaySpanExporter
+    from api.telemetry.relay import SOCKET_ENV, RelaySpanProcessor
 
     if path := os.environ.get(SOCKET_ENV):
-        return RelaySpanExporter(path)
+        return RelaySpanProcessor(path)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()
+    return BatchSpanProcessor(OTLPSpanExporter())
 
 
 def shutdown_tracing() -> None:
