@@ -13,11 +13,15 @@ from api.services import Services
 Body = TypeVar("Body", bound=BaseModel)
 
 
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
 async def get_services(request: Request) -> Services:
     # async: a plain `def` dependency would be run on the thread pool, a thread hop per
     # request for an attribute read.
-    services: Services = request.app.state.services
-    return services
+    return services_of(request)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,16 +1,28 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.routing import APIRoute
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.answer import Event
-from api.deps import ServicesDep, json_body
+from api.deps import json_body, services_of
 from api.schemas import INVALID_BODY, QueryRequest, QueryResponse
 
-router = APIRouter(tags=["query"])
+
+class _RequestOnly(APIRoute):
+    """The endpoint takes the Request alone and is called with it as it is. FastAPI's
+    dependency solving, with nothing to solve, cost ~6% of a cached answer. OpenAPI still
+    comes from the route's declaration."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return self.endpoint
+
+
+router = APIRouter(tags=["query"], route_class=_RequestOnly)
 
 _STREAM_DOC = {
     "200": {
@@ -48,7 +60,8 @@ async def _sse(events: AsyncIterator[Event]) -> AsyncIterator[ServerSentEvent]:
     responses=_STREAM_DOC,  # type: ignore[arg-type]
     openapi_extra=_QUERY_BODY,
 )
-async def query(request: Request, services: ServicesDep) -> Response:
+async def query(request: Request) -> Response:
+    services = services_of(request)  # not a Depends: see _RequestOnly
     body = await json_body(request, QueryRequest)
     question = body.question.strip()
     limit = services.settings.max_question_chars

@@ -1,0 +1,111 @@
+"""The cached path's Redis call (api/redis_script.py) against a real redis-server: the
+URL forms the service accepts, a server that forgot the script, a call cut short by its
+deadline, and a Redis that goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from api.redis_script import ScriptCaller
+from tests.servers import RedisServer
+
+ECHO = "redis.call('SET', KEYS[1], ARGV[1]) return {KEYS[1], ARGV[1]}"
+# Busy for ~0.3 s inside Redis (DEBUG SLEEP is disabled by default), then answers.
+SLOW = """
+local start = redis.call('TIME')
+while true do
+  local now = redis.call('TIME')
+  if (now[1] - start[1]) * 1000000 + (now[2] - start[2]) > 300000 then break end
+end
+return ARGV[1]
+"""
+PICKY = "if ARGV[1] == 'fail' then return redis.error_reply('boom') end return ARGV[1]"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    process = RedisServer(tmp_path / "redis")
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_password_and_database_from_the_url(server: RedisServer) -> None:
+    admin = redis.Redis(port=server.port)
+    admin.config_set("requirepass", "s3cret/with:odd@chars")
+    secured = redis.Redis(port=server.port, password="s3cret/with:odd@chars", db=3)
+    url = f"redis://:s3cret%2Fwith%3Aodd%40chars@127.0.0.1:{server.port}/3"
+
+    async def calls() -> list[object]:
+        caller = ScriptCaller(url, ECHO, connect_timeout=2)
+        try:
+            first = await caller([b"k"], [b"one"])
+            second = await caller([b"k"], [b"two"])  # the same connection, reused
+            return [first, second]
+        finally:
+            await caller.aclose()
+
+    assert asyncio.run(calls()) == [[b"k", b"one"], [b"k", b"two"]]
+    assert secured.get("k") == b"two"  # written in database 3, not 0
+    assert not redis.Redis(port=server.port, password="s3cret/with:odd@chars").exists("k")
+
+    async def wrong() -> None:
+        caller = ScriptCaller(f"redis://:nope@127.0.0.1:{server.port}/0", ECHO, 2)
+        await caller([b"k"], [b"x"])
+
+    with pytest.raises(redis.ResponseError, match="WRONGPASS"):
+        asyncio.run(wrong())
+
+
+def test_a_server_that_forgot_the_script_still_answers(server: RedisServer) -> None:
+    async def calls() -> list[object]:
+        caller = ScriptCaller(server.url, ECHO, connect_timeout=2)
+        first = await caller([b"k"], [b"one"])
+        redis.Redis(port=server.port).script_flush()  # as after a restart
+        second = await caller([b"k"], [b"two"])
+        await caller.aclose()
+        return [first, second]
+
+    assert asyncio.run(calls()) == [[b"k", b"one"], [b"k", b"two"]]
+
+
+def test_a_call_cut_short_never_lends_its_reply_to_the_next(server: RedisServer) -> None:
+    async def calls() -> tuple[object, object]:
+        slow = ScriptCaller(server.url, SLOW, connect_timeout=2)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await slow([], [b"late"])
+        # The late reply arrives on the cancelled call's connection, which is closed.
+        after = await slow([], [b"mine"])
+        # An error reply leaves its connection in step: the next call on it is answered.
+        picky = ScriptCaller(server.url, PICKY, connect_timeout=2)
+        with pytest.raises(redis.ResponseError, match="boom"):
+            await picky([], [b"fail"])
+        still = await picky([], [b"fine"])
+        await picky.aclose()
+        await slow.aclose()
+        return after, still
+
+    assert asyncio.run(calls()) == (b"mine", b"fine")
+
+
+def test_redis_going_away_is_a_connection_error_and_its_return_is_found(
+    server: RedisServer,
+) -> None:
+    async def calls() -> object:
+        caller = ScriptCaller(server.url, ECHO, connect_timeout=2)
+        await caller([b"k"], [b"before"])
+        server.kill()
+        with pytest.raises(redis.ConnectionError):
+            await caller([b"k"], [b"during"])
+        server.start()  # the same port
+        found = await caller([b"k"], [b"after"])
+        await caller.aclose()
+        return found
+
+    assert asyncio.run(calls()) == [b"k", b"after"]
