@@ -186,8 +186,9 @@ class Cache:
     def _span(self, operation: str) -> AbstractContextManager[Span]:
         """A client span per Redis call. Made here rather than by opentelemetry's redis
         instrumentation, which sets seven attributes per call and cost 75 µs of a ~800 µs
-        cached answer (docs/BENCHMARKS.md); these four are what a trace needs."""
-        return telemetry.tracer().start_as_current_span(
+        cached answer (docs/BENCHMARKS.md); these four are what a trace needs. Not made
+        current: nothing happens inside a Redis call that would be its child."""
+        return telemetry.tracer().start_span(
             f"redis {operation}",
             kind=SpanKind.CLIENT,
             attributes={**self._span_attributes, "db.operation.name": operation},

@@ -82,10 +82,9 @@ class LeanSpan(trace.Span):
     )
     dropped_attributes = dropped_events = dropped_links = 0
 
-    def __init__(
+    def __init__(  # noqa: PLR0917  # positional: keyword passing costs, once per span
         self,
         tracer: LeanTracer,
-        *,
         name: str,
         context: SpanContext,
         parent: SpanContext | None,
@@ -102,7 +101,9 @@ class LeanSpan(trace.Span):
         self.parent = parent
         self.kind = kind
         self.attributes = attributes
-        self.links = [link for link in links if _valid_link(link.context, link.attributes)]
+        self.links = (
+            [link for link in links if _valid_link(link.context, link.attributes)] if links else []
+        )
         self.events: list[Event] = []
         self.status = _UNSET
         self.start_time = start_time or _now()
@@ -285,15 +286,15 @@ class LeanTracer(trace.Tracer):
             return NonRecordingSpan(span_context)
         return LeanSpan(
             self,
-            name=name,
-            context=span_context,
-            parent=parent,
-            kind=kind,
-            attributes=span_attributes,
-            links=links or (),
-            start_time=start_time,
-            record_exception=record_exception,
-            set_status_on_exception=set_status_on_exception,
+            name,
+            span_context,
+            parent,
+            kind,
+            span_attributes,
+            links or (),
+            start_time,
+            record_exception,
+            set_status_on_exception,
         )
 
     # The API declares a generator-based context manager; a class does the same for less.
