@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
             if provider is None
             else "exporting"
             if telemetry.traces.exporting()
-            else "local",
+            else "ids only",
         )
         flusher.start()
         try:

@@ -227,3 +227,25 @@ def test_odd_values_scopes_and_remote_links_arrive_as_the_sdk_sends_them():
     assert link.flags & 0x200  # the link's span is remote
     keys = [a.key for a in scope_spans.spans[0].attributes]
     assert "beyond 64 bits" not in keys and "bytes" in keys  # one key lost, not the span
+
+
+def test_with_no_processor_spans_are_contexts_that_still_carry_the_trace():
+    """No exporter configured: nothing is recorded, but ids for the logs are made and the
+    caller's trace continues through parent and child."""
+    provider = LeanTracerProvider(Resource.create({}), TracerProvider().sampler)
+    tracer = provider.get_tracer("api")
+    parent = TraceContextTextMapPropagator().extract(CALLER)
+    with (
+        tracer.start_as_current_span("server", context=parent) as server,
+        tracer.start_as_current_span("child") as child,
+    ):
+        assert not server.is_recording() and not child.is_recording()
+        ids = server.get_span_context(), child.get_span_context()
+        assert all(c.is_valid and c.trace_flags.sampled for c in ids)
+        assert ids[0].trace_id == ids[1].trace_id == int(CALLER["traceparent"][3:35], 16)
+        assert trace.get_current_span().get_span_context() == ids[1]
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    with tracer.start_as_current_span("recorded") as span:
+        assert span.is_recording()
+    assert [s.name for s in memory.get_finished_spans()] == ["recorded"]

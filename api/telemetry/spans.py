@@ -16,6 +16,9 @@ plain record: ids, times, a dict of attributes. The SDK still does the rest:
   are applied by the relay, off the request path; a process without the relay (a bare
   uvicorn, the tests) exports through the SDK's exporter directly, without them.
 
+Without a span processor (no exporter configured) spans are not recorded at all: they
+are contexts, which still put trace and span ids in the logs and propagate the trace.
+
 The instrumentations (httpx) see an ordinary API tracer. Two things the SDK offers are
 left out because nothing here uses them: span processors get `on_end` only (the batch
 processor's `on_start` does nothing), and `start_as_current_span` is a context manager,
@@ -282,7 +285,10 @@ class LeanTracer(trace.Tracer):
         span_context = SpanContext(
             trace_id, _getrandbits(64) or 1, False, _FLAGS[sampled, random_id], state
         )
-        if not recording:
+        if not recording or not self.processors:
+            # With no processor to receive it (no exporter configured), a recorded span
+            # would be work no one reads: its context still gives logs their ids and
+            # carries the trace on to what is called next.
             return NonRecordingSpan(span_context)
         return LeanSpan(
             self,

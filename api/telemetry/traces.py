@@ -36,8 +36,9 @@ def exporting() -> bool:
 
 
 def setup_tracing() -> LeanTracerProvider | None:
-    """Once per process. Without an OTLP endpoint spans are still made (logs carry their
-    ids) but go nowhere; with OTEL_SDK_DISABLED=true nothing is made at all."""
+    """Once per process. Without an OTLP endpoint spans are contexts only, not recorded:
+    logs carry their ids and the trace is propagated, but nothing is kept that no one
+    would read. With OTEL_SDK_DISABLED=true nothing is made at all."""
     global _provider, _exporting, _tracer
     if _provider is not None or not enabled():
         return _provider
