@@ -99,15 +99,15 @@ def encode_span(span: ReadableSpan) -> bytes:
         span.name,
         format(ctx.trace_id, "032x"),
         format(ctx.span_id, "016x"),
-        int(ctx.trace_flags),
+        ctx.trace_flags,  # an int
         ctx.trace_state.to_header() if ctx.trace_state else "",
         format(parent.span_id, "016x") if parent else None,
         bool(parent and parent.is_remote),
-        span.kind.value,
+        span.kind._value_,  # the member's value without Enum's descriptor
         span.start_time,
         span.end_time,
         _plain(span.attributes),
-        status.status_code.value,
+        status.status_code._value_,
         status.description,
         [[e.name, e.timestamp, _plain(e.attributes)] for e in span.events] if span.events else [],
         [

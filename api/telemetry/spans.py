@@ -39,7 +39,7 @@ from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, SpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, StaticSampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
@@ -241,13 +241,23 @@ class _Current:
             self.span.end()
 
 
+def _static(sampler: Sampler) -> tuple[bool, bool] | None:
+    """(sampled, recording) if `sampler` answers the same for every span, else None."""
+    if isinstance(sampler, StaticSampler):
+        decision = sampler._decision
+        return decision.is_sampled(), decision.is_recording()  # type: ignore[no-untyped-call]
+    return None
+
+
 class LeanTracer(trace.Tracer):
     def __init__(self, provider: LeanTracerProvider, scope: InstrumentationScope) -> None:
         self.scope = scope
         self.resource = provider.resource
         self.processors = provider.processors  # shared list: processors added later count
         self._sampler = provider.sampler
-        self._parent_based = isinstance(provider.sampler, ParentBased)
+        sampler = provider.sampler
+        self._parent_based = isinstance(sampler, ParentBased)
+        self._root = _static(sampler._root if isinstance(sampler, ParentBased) else sampler)
 
     def start_span(  # noqa: PLR0917  # the API's signature
         self,
@@ -273,6 +283,11 @@ class LeanTracer(trace.Tracer):
             # What the parent-based sampler answers under a local parent, without the call.
             sampled = recording = parent.trace_flags.sampled
             state: TraceState | None = parent.trace_state
+        elif parent is None and self._root is not None:
+            # A root under an always-on or always-off sampler (the default is always-on
+            # under parent-based): its answer is fixed, without the call.
+            sampled, recording = self._root
+            state = None
         else:
             result = self._sampler.should_sample(
                 context, trace_id, name, kind, attributes, links or ()
