@@ -31,7 +31,7 @@ keepalive = 5
 # make gunicorn think its workers hang.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # Each worker builds the app (model, tracer, exporters) after the fork: onnxruntime's
-# thread pools and OpenTelemetry's batch processor do not survive a fork.
+# thread pools and the span processor's sending thread do not survive a fork.
 preload_app = False
 accesslog = None  # the app writes its own access log, inside the request's trace
 loglevel = _settings.log_level

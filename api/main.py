@@ -112,9 +112,12 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         try:
             yield
         finally:
-            await services.aclose()
-            telemetry.shutdown_tracing()
-            flusher.flush()
+            try:
+                await services.aclose()
+            finally:
+                flusher.flush()  # logs and counters first: local, and quick
+                telemetry.shutdown_tracing()  # bounded by the span processor's deadline
+                flusher.flush()
 
     # The server span comes from RequestTelemetry; FastAPI's own telemetry stays off.
     app = FastAPI(

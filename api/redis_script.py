@@ -7,8 +7,9 @@ pre-built RESP bytes on an asyncio protocol and one reply parsed by hiredis, the
 redis-py itself uses. Everything else in the service still goes through redis-py.
 
 What it does and does not do:
-- URLs as redis-py reads them (`redis_url` is shared): TCP, TLS (`rediss://`), Unix
-  sockets, username/password (AUTH) and database (SELECT) on connect;
+- URLs as redis-py reads them (`redis_url` is shared, and parsed by redis-py): TCP, TLS
+  (`rediss://`, with the URL's ssl_* options), Unix sockets, username/password (AUTH) and
+  database (SELECT) on connect;
 - EVALSHA, and EVAL once when the server does not know the script (NOSCRIPT);
 - one call at a time per connection, idle connections kept for the next call; a call
   that fails or is cancelled closes its connection, so a late reply can never be read
@@ -82,7 +83,7 @@ class ScriptCaller:
     uses them (a worker's), and closed by `aclose`."""
 
     def __init__(self, url: str, script: str, connect_timeout: float) -> None:
-        self._options = parse_url(url)
+        self._options: dict[str, Any] = dict(parse_url(url))
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
         self._connect_timeout = connect_timeout
@@ -135,7 +136,7 @@ class ScriptCaller:
         if kind is UnixDomainSocketConnection:
             _, connection = await loop.create_unix_connection(_Connection, options["path"])
         else:
-            context = ssl.create_default_context() if kind is SSLConnection else None
+            context = self._tls() if kind is SSLConnection else None
             _, connection = await loop.create_connection(
                 _Connection,
                 options.get("host", "localhost"),
@@ -154,6 +155,13 @@ class ScriptCaller:
             connection.close()
             raise
         return connection
+
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS context redis-py itself would build from the URL's ssl_* options
+        (certificate checks, CA, client certificate): made by its own connection class,
+        which connects nothing until asked."""
+        options: dict[str, Any] = {k: v for k, v in self._options.items() if k.startswith("ssl_")}
+        return SSLConnection(**options).ssl_context.get()
 
     async def aclose(self) -> None:
         while self._idle:

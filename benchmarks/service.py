@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import overhead, stack, streaming
+from benchmarks import components, overhead, stack, streaming
 from benchmarks.load import closed_loop
 from tests.servers import ROOT, ApiServer, RedisServer
 
@@ -196,6 +196,8 @@ def main() -> None:
     streaming.report(streamed)
     observed = overhead.measure()
     overhead.report(observed)
+    parts = components.measure()
+    components.report(parts)
     layout = stack.measure()
     stack.report(layout)
     speedup = results["int8"]["ingest_chunks_per_s"] / base["ingest_chunks_per_s"]
@@ -213,6 +215,7 @@ def main() -> None:
                 "runtimes": results,
                 "streaming": streamed,
                 "instrumentation_overhead": observed,
+                "telemetry_components": parts,
                 "stack": layout,
                 "query": queries,
             },

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,6 +13,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.sdk.trace import ReadableSpan
+
+from api.telemetry import relay
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,9 @@ class OtlpReceiver:
 def _value(value: object) -> object:
     kind = value.WhichOneof("value")  # type: ignore[attr-defined]
     return getattr(value, kind) if kind else None
+
+
+def relay_frame(spans: Sequence[ReadableSpan]) -> bytes:
+    """The frame a worker's span processor sends the relay for `spans` (one resource)."""
+    resource = relay.encode_resource(spans[0].resource if spans else None)
+    return relay.frame(resource, [relay.encode_span(span) for span in spans])

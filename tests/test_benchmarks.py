@@ -5,7 +5,7 @@ the figures live in docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
-from benchmarks import overhead, stack
+from benchmarks import components, overhead, stack
 
 
 def test_the_overhead_benchmark_measures_all_three_servers_and_the_relay():
@@ -18,3 +18,9 @@ def test_the_stack_benchmark_measures_both_endpoints_through_nginx():
     result = stack.measure(rounds=1, seconds=1, connections=4)
     assert result["health_rps"] > 0 and result["query_rps"] > 0
     assert result["ratio"] == result["query_rps"] / result["health_rps"]
+
+
+def test_the_components_benchmark_measures_every_setting():
+    result = components.measure(rounds=1, batch=40)
+    assert set(result["us_per_request"]) == set(components.SETTINGS)
+    assert all(value > 0 for value in result["us_per_request"].values())

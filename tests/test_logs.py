@@ -4,6 +4,8 @@ keeps one write per request off the request path."""
 from __future__ import annotations
 
 import json
+import logging
+import select
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -79,16 +81,32 @@ def test_the_access_line_follows_the_level(stderr: _Stderr) -> None:
 
 
 def test_info_lines_wait_and_a_warning_takes_them_along_in_order(stderr: _Stderr) -> None:
-    logs.configure_logging("info", "json", buffered=True)
-    log = structlog.get_logger("t")
-    log.info("first")
-    logs.access({"status": 200}, "req-3", None)
+    lines = logs._Lines()  # not the process's: no flusher thread writes this one
+    lines.buffered = True
+    lines.add(b'{"event": "first"}\n', urgent=False)
+    lines.add(b'{"event": "request"}\n', urgent=False)
     assert stderr.lines() == []  # waiting for the flusher
-    log.warning("second")
+    lines.add(b'{"event": "second"}\n', urgent=True)
     assert [line["event"] for line in stderr.lines()] == ["first", "request", "second"]
-    log.info("third")
-    flusher.flush()
+    lines.add(b'{"event": "third"}\n', urgent=False)
+    lines.flush()
     assert [line["event"] for line in stderr.lines()][-1] == "third"
+
+
+def test_library_lines_keep_their_place_among_ours(stderr: _Stderr) -> None:
+    logs.configure_logging("info", "json", buffered=True)
+    structlog.get_logger("t").info("ours")
+    logging.getLogger("some.library").warning("theirs")  # a warning: written at once
+    assert [line["event"] for line in stderr.lines()] == ["ours", "theirs"]
+
+
+def test_a_flush_is_cut_at_line_ends_into_pipe_sized_writes() -> None:
+    lines = [b"x" * 1000 + b"\n"] * 9 + [b"y" * (2 * select.PIPE_BUF) + b"\n"]
+    chunks = list(logs._chunks(lines))
+    assert b"".join(chunks) == b"".join(lines)
+    assert all(chunk.endswith(b"\n") for chunk in chunks)
+    assert all(len(chunk) <= select.PIPE_BUF for chunk in chunks[:-1])
+    assert chunks[-1] == lines[-1]  # a line longer than that goes whole, alone
 
 
 def test_the_flusher_writes_waiting_lines_within_a_tick(stderr: _Stderr) -> None:

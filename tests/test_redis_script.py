@@ -5,6 +5,7 @@ deadline, and a Redis that goes away and comes back."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from api.redis_script import ScriptCaller
-from tests.servers import RedisServer
+from tests.servers import RedisServer, wait_until
 
 ECHO = "redis.call('SET', KEYS[1], ARGV[1]) return {KEYS[1], ARGV[1]}"
 # Busy for ~0.3 s inside Redis (DEBUG SLEEP is disabled by default), then answers.
@@ -25,6 +26,11 @@ end
 return ARGV[1]
 """
 PICKY = "if ARGV[1] == 'fail' then return redis.error_reply('boom') end return ARGV[1]"
+
+
+def _clients(server: RedisServer) -> int:
+    with redis.Redis(port=server.port) as admin:
+        return int(admin.info("clients")["connected_clients"])
 
 
 @pytest.fixture
@@ -80,7 +86,11 @@ def test_a_call_cut_short_never_lends_its_reply_to_the_next(server: RedisServer)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await slow([], [b"late"])
-        # The late reply arrives on the cancelled call's connection, which is closed.
+        # The late reply would arrive on the cancelled call's connection: it is closed,
+        # not kept for the next call.
+        assert slow._idle == []
+        await asyncio.sleep(0.5)  # Redis finishes the script and sees the close
+        assert _clients(server) == 1  # the admin connection only
         after = await slow([], [b"mine"])
         # An error reply leaves its connection in step: the next call on it is answered.
         picky = ScriptCaller(server.url, PICKY, connect_timeout=2)
@@ -109,3 +119,55 @@ def test_redis_going_away_is_a_connection_error_and_its_return_is_found(
         return found
 
     assert asyncio.run(calls()) == [b"k", b"after"]
+
+
+def test_an_idle_connection_gone_stale_is_retried_once(server: RedisServer) -> None:
+    """Redis restarted between two calls: the idle connection is dead, and the call
+    succeeds on a new one instead of failing the cache."""
+
+    async def calls() -> object:
+        caller = ScriptCaller(server.url, ECHO, connect_timeout=2)
+        await caller([b"k"], [b"before"])
+        server.kill()
+        server.start()
+        found = await caller([b"k"], [b"after"])
+        await caller.aclose()
+        return found
+
+    assert asyncio.run(calls()) == [b"k", b"after"]
+
+
+def test_a_unix_socket_and_an_acl_user(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(path),
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(path.exists, 10, "redis-server's socket")
+        admin = redis.Redis(unix_socket_path=str(path))
+        wait_until(lambda: bool(admin.ping()), 10, "redis-server")
+        admin.execute_command("ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all")
+
+        async def call() -> object:
+            caller = ScriptCaller(f"unix://alice:pw@{path}?db=2", ECHO, connect_timeout=2)
+            try:
+                return await caller([b"k"], [b"v"])
+            finally:
+                await caller.aclose()
+
+        assert asyncio.run(call()) == [b"k", b"v"]
+        assert redis.Redis(unix_socket_path=str(path), db=2).get("k") == b"v"
+    finally:
+        process.kill()
+        process.wait()

@@ -19,7 +19,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AnyValue
 
 from api.telemetry import relay
-from tests.otlp import OtlpReceiver
+from tests.otlp import OtlpReceiver, relay_frame
 from tests.servers import ApiServer, wait_until
 
 
@@ -59,7 +59,7 @@ def _spans() -> list[ReadableSpan]:
 
 def test_the_relay_sends_exactly_the_otlp_the_sdk_would():
     spans = _spans()
-    frame = relay.encode(spans)
+    frame = relay_frame(spans)
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     sent = relay.to_otlp(frame[4:])
     assert sent == encode_spans(spans)
@@ -115,8 +115,9 @@ def test_a_full_batch_goes_at_once_and_a_full_queue_drops(
         monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1000")
         processor = relay.RelaySpanProcessor(process.path, timeout=2)
         spans = _spans() + _spans() + _spans()
-        for span in spans:
-            processor.on_end(span)
+        with processor._send_lock:  # the sender may not empty the queue meanwhile
+            for span in spans:
+                processor.on_end(span)
         assert processor.force_flush()
         wait_until(lambda: len(receiver.spans) == 5, 15, "the queue's three spans")
         time.sleep(0.5)
@@ -152,7 +153,7 @@ def test_an_unsampled_span_is_not_sent() -> None:
 
 def test_links_survive():
     spans = _spans()
-    sent = relay.to_otlp(relay.encode(spans)[4:])
+    sent = relay.to_otlp(relay_frame(spans)[4:])
     (link,) = sent.resource_spans[0].scope_spans[0].spans[0].links
     assert link.span_id == spans[1].context.span_id.to_bytes(8, "big")
     assert [(a.key, a.value.string_value) for a in link.attributes] == [("why", "test")]

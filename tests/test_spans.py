@@ -22,6 +22,7 @@ from opentelemetry.util.types import AnyValue
 
 from api.telemetry import relay
 from api.telemetry.spans import LeanTracerProvider
+from tests.otlp import relay_frame
 
 RESOURCE = Resource({"service.name": "rag-api"})
 CALLER = {
@@ -125,7 +126,7 @@ def test_through_the_relay_lean_spans_arrive_as_the_sdk_would_send_them():
     provider, memory = _lean()
     _request(provider.get_tracer("api", "9.9"), CALLER)
     spans = memory.get_finished_spans()
-    assert relay.to_otlp(relay.encode(spans)[4:]) == encode_spans(spans)
+    assert relay.to_otlp(relay_frame(spans)[4:]) == encode_spans(spans)
 
 
 Decision = tuple[str, bool, bool]  # (caller, server span recorded, child sampled)
@@ -187,7 +188,7 @@ def test_the_relay_applies_the_limits_as_the_sdk_does(monkeypatch: pytest.Monkey
             span.add_event("first")
             span.add_event("second", {"k": "v"})
 
-    lean_sent = relay.to_otlp(relay.encode(_finished(_lean, make))[4:])
+    lean_sent = relay.to_otlp(relay_frame(_finished(_lean, make))[4:])
     assert _timeless(lean_sent) == _timeless(encode_spans(_finished(_sdk, make)))
     (span,) = lean_sent.resource_spans[0].scope_spans[0].spans
     assert [a.key for a in span.attributes] == ["long", "tags"]  # the newest two, cut to 5
@@ -219,7 +220,7 @@ def test_odd_values_scopes_and_remote_links_arrive_as_the_sdk_sends_them():
         random.seed(5)
         scenario(provider.get_tracer("api"), provider)
         sent.append(list(memory.get_finished_spans()))
-    lean = relay.to_otlp(relay.encode(sent[0])[4:])
+    lean = relay.to_otlp(relay_frame(sent[0])[4:])
     assert _timeless(lean) == _timeless(encode_spans(sent[1]))
     scope_spans = lean.resource_spans[0].scope_spans[0]
     assert scope_spans.schema_url.endswith("1.11.0")

@@ -15,23 +15,23 @@ the app's shutdown, and at exit).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 from collections.abc import Callable
-
-import structlog
 
 TICK = 0.1  # seconds between flushes
 
 _tasks: list[tuple[int, Callable[[], None]]] = []  # (every how many ticks, what)
 _lock = threading.Lock()
+_running = threading.Lock()  # one flush at a time: the thread's, or a shutdown's
 _started_in: int | None = None  # the pid whose thread runs: threads do not survive a fork
 
 
 def every(ticks: int, task: Callable[[], None]) -> None:
     """Run `task` every `ticks` ticks, and once more by `flush()`."""
     with _lock:
-        if all(t is not task for _, t in _tasks):
+        if all(t != task for _, t in _tasks):  # ==: bound methods are made anew each time
             _tasks.append((ticks, task))
 
 
@@ -47,8 +47,9 @@ def start() -> None:
 
 def flush() -> None:
     """Everything now: at shutdown, and in tests that read what was just recorded."""
-    for _, task in list(_tasks):
-        _safely(task)
+    with _running:
+        for _, task in list(_tasks):
+            _safely(task)
 
 
 def _run() -> None:
@@ -57,25 +58,26 @@ def _run() -> None:
     while True:
         wake.wait(TICK)
         tick += 1
-        for ticks, task in list(_tasks):
-            if tick % ticks == 0:
-                _safely(task)
+        with _running:
+            for ticks, task in list(_tasks):
+                if tick % ticks == 0:
+                    _safely(task)
 
 
 _failing: set[str] = set()
 
 
 def _safely(task: Callable[[], None]) -> None:
-    """A task that fails (a full tmpfs, a closed stream) says so once, and is retried."""
+    """A task that fails (a full tmpfs, a closed stream) says so once, and is retried.
+    Said straight to fd 2: the failing task may be the log writer itself."""
     name = getattr(task, "__qualname__", repr(task))
     try:
         task()
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # the thread must outlive any one task
         if name not in _failing:
             _failing.add(name)
-            structlog.get_logger(__name__).warning(
-                "telemetry flush failed", task=name, error=str(exc)
-            )
+            with contextlib.suppress(OSError):
+                os.write(2, f"telemetry flush failed: {name}: {exc!r}\n".encode())
     else:
         _failing.discard(name)
 

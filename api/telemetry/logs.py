@@ -10,10 +10,11 @@ through stdlib logging and get the same renderer, so one process writes one form
 from __future__ import annotations
 
 import logging
+import select
 import sys
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import orjson
@@ -107,8 +108,38 @@ class _Lines:
         # Looked up per write, not bound once: loggers cached on first use keep working
         # when the stream is replaced (pytest's capture does that between tests).
         stream = sys.stderr.buffer
-        stream.write(b"".join(lines))
-        stream.flush()
+        for chunk in _chunks(lines):
+            stream.write(chunk)
+            stream.flush()
+
+
+def _chunks(lines: list[bytes]) -> Iterator[bytes]:
+    """Whole lines, at most PIPE_BUF bytes to a write where they fit. A replica's workers
+    share one pipe to the supervisor, and only a write that size is never cut into by
+    another worker's."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > select.PIPE_BUF:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
+
+
+class LinesHandler(logging.Handler):
+    """Library lines (stdlib logging: gunicorn, uvicorn, chromadb) take the same way out
+    as ours, so one process's lines keep their order, and a library's warning takes the
+    waiting lines with it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record).encode("utf-8", "backslashreplace") + b"\n"
+            LINES.add(line, urgent=record.levelno >= logging.WARNING)
+        except Exception:  # logging's own rule: a failing handler must not raise
+            self.handleError(record)
 
 
 LINES = _Lines()
@@ -186,7 +217,7 @@ def configure_logging(level: str = "info", fmt: str = "json", buffered: bool = F
         logger_factory=StderrLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LinesHandler()
     handler.set_name(_HANDLER)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
@@ -209,11 +240,7 @@ def gunicorn_logconfig(level: str, fmt: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"structlog": {"()": formatter, "fmt": fmt}},
         "handlers": {
-            _HANDLER: {
-                "class": "logging.StreamHandler",
-                "formatter": "structlog",
-                "stream": "ext://sys.stderr",
-            }
+            _HANDLER: {"class": "api.telemetry.logs.LinesHandler", "formatter": "structlog"}
         },
         "root": {"level": level.upper(), "handlers": [_HANDLER]},
         "loggers": {

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,6 @@ def frame(resource: bytes, rows: Sequence[bytes]) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def encode(spans: Sequence[ReadableSpan]) -> bytes:
-    """A whole frame for `spans`, which share one resource."""
-    return frame(
-        encode_resource(spans[0].resource if spans else None), [encode_span(s) for s in spans]
-    )
-
-
 def _dumps(value: Any) -> bytes:
     return orjson.dumps(value, default=_json, option=orjson.OPT_NON_STR_KEYS)
 
@@ -188,10 +182,11 @@ class RelaySpanProcessor(SpanProcessor):
     queue drops spans rather than slowing requests), but a span is encoded as it ends
     and its thread only sends bytes to the relay's socket.
 
-    A batch that cannot be delivered is dropped (and said so, once a minute at most). The
-    relay is not restarted if it dies: tracing stops until the replica restarts, and the
-    workers' logs say so. The short timeout keeps a hung relay from holding a worker's
-    shutdown past gunicorn's graceful timeout."""
+    A batch that cannot be delivered is dropped, and so is what is left to send with it
+    (and said so, once a minute at most per cause). The relay is not restarted if it dies:
+    tracing stops until the replica restarts, and the workers' logs say so. Flushing and
+    shutting down keep to one deadline (`timeout`), so a hung relay cannot hold a
+    worker's shutdown past gunicorn's graceful timeout."""
 
     def __init__(self, path: str, timeout: float = 3.0) -> None:
         self._path = path
@@ -200,13 +195,19 @@ class RelaySpanProcessor(SpanProcessor):
         self._max_queue = _setting(OTEL_BSP_MAX_QUEUE_SIZE, 2048)
         self._batch = min(_setting(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, 512), self._max_queue)
         self._resource: bytes | None = None
+        self._warned: dict[str, float] = {}
+        self._stopped = False
+        self._start()
+        if hasattr(os, "register_at_fork"):  # a child forked later starts afresh
+            restart = weakref.WeakMethod(self._start)
+            os.register_at_fork(after_in_child=lambda: (method := restart()) and method())
+
+    def _start(self) -> None:
         self._rows: list[bytes] = []
         self._lock = threading.Lock()  # the rows
         self._send_lock = threading.Lock()  # the socket, and the order of frames
         self._wake = threading.Event()
-        self._stopped = False
         self._sock: socket.socket | None = None
-        self._warned = 0.0
         self._dropped = 0
         self._thread = threading.Thread(target=self._run, name="span-relay-sender", daemon=True)
         self._thread.start()
@@ -217,11 +218,14 @@ class RelaySpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if self._stopped or not span.context or not span.context.trace_flags.sampled:
             return
-        if self._resource is None:
-            self._resource = encode_resource(span.resource)
-        row = encode_span(span)
+        try:
+            if self._resource is None:
+                self._resource = encode_resource(span.resource)
+            row = encode_span(span)
+        except Exception:  # a span that cannot be written is dropped, not raised
+            row = None
         with self._lock:
-            if len(self._rows) >= self._max_queue:
+            if row is None or len(self._rows) >= self._max_queue:
                 self._dropped += 1
                 return
             self._rows.append(row)
@@ -233,24 +237,30 @@ class RelaySpanProcessor(SpanProcessor):
         while not self._stopped:
             self._wake.wait(self._delay)
             self._wake.clear()
-            self._send_all()
+            if not self._stopped:
+                self._send_all(time.monotonic() + self._timeout)
 
-    def _send_all(self) -> bool:
-        with self._send_lock:
+    def _send_all(self, deadline: float) -> bool:
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
             with self._lock:
                 rows, self._rows = self._rows, []
                 dropped, self._dropped = self._dropped, 0
             if dropped:
-                self._warn("span queue full, spans dropped", dropped)
-            delivered = True
+                self._warn("span queue full or span unwritable, spans dropped", dropped)
             for i in range(0, len(rows), self._batch):
                 batch = rows[i : i + self._batch]
                 assert self._resource is not None  # set by the first span
-                delivered = self._send(frame(self._resource, batch), len(batch)) and delivered
-            return delivered
+                if time.monotonic() > deadline or not self._send(frame(self._resource, batch)):
+                    self._warn("span relay unreachable, spans dropped", len(rows) - i)
+                    return False
+            return True
+        finally:
+            self._send_lock.release()
 
-    def _send(self, data: bytes, count: int) -> bool:
-        for attempt in (1, 2):  # one reconnect: the connection may have gone stale
+    def _send(self, data: bytes) -> bool:
+        for _ in (1, 2):  # one reconnect: the connection may have gone stale
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -258,15 +268,13 @@ class RelaySpanProcessor(SpanProcessor):
                     self._sock.connect(self._path)
                 self._sock.sendall(data)
                 return True
-            except OSError as exc:
+            except OSError:
                 self._close()
-                if attempt == 2:
-                    self._warn(f"span relay unreachable, spans dropped: {exc}", count)
         return False
 
     def _warn(self, event: str, count: int) -> None:
-        if time.monotonic() - self._warned > 60:
-            self._warned = time.monotonic()
+        if time.monotonic() - self._warned.get(event, -60.0) > 60:
+            self._warned[event] = time.monotonic()
             import structlog
 
             structlog.get_logger(__name__).warning(event, spans=count)
@@ -277,17 +285,19 @@ class RelaySpanProcessor(SpanProcessor):
             self._sock = None
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._send_all()
+        return self._send_all(time.monotonic() + min(timeout_millis / 1000, self._timeout))
 
     def shutdown(self) -> None:
         if self._stopped:
             return
+        deadline = time.monotonic() + self._timeout
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=self._timeout)
-        self._send_all()
-        with self._send_lock:
+        self._send_all(deadline)
+        if self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             self._close()
+            self._send_lock.release()
 
 
 def _setting(name: str, default: int) -> int:

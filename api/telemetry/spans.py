@@ -10,7 +10,8 @@ plain record: ids, times, a dict of attributes. The SDK still does the rest:
 - sampling: the sampler is the SDK's, built from OTEL_TRACES_SAMPLER(_ARG); it decides
   every root span and every span under a remote parent. Under a local parent a
   parent-based sampler (the default) takes the parent's decision without a call;
-- batching: the SDK's `BatchSpanProcessor` (OTEL_BSP_*) receives finished spans;
+- batching: finished spans go to the span processors (the relay's, or the SDK's
+  `BatchSpanProcessor` without the relay), which keep the OTEL_BSP_* rules;
 - export: finished spans read like the SDK's `ReadableSpan`, so both the span relay and
   the SDK's OTLP exporter take them as they are. Attribute limits (OTEL_SPAN_*_LIMIT)
   are applied by the relay, off the request path; a process without the relay (a bare

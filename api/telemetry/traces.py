@@ -1,6 +1,6 @@
 """OpenTelemetry tracing, set up once per worker process after the fork.
 
-The SDK's batch processor runs a thread and the exporter holds connections: neither
+The span processor runs a thread and the exporter holds connections: neither
 survives a fork, so this runs from the app's start-up, never at import. Configuration is
 the standard environment: OTEL_SDK_DISABLED, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER(_ARG),
 OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT (OTLP over HTTP, e.g. Jaeger on :4318).
@@ -80,7 +80,7 @@ def _processor() -> SpanProcessor:
 
 
 def shutdown_tracing() -> None:
-    """Flush what the batch processor still holds (a worker's graceful exit)."""
+    """Flush what the span processor still holds (a worker's graceful exit)."""
     if _provider is not None:
         _provider.force_flush(timeout_millis=5000)
 

@@ -1,0 +1,195 @@
+"""`make bench`, part: what each kind of telemetry costs a cached `/query`, in CPU.
+
+Through gunicorn and wrk the answer wanders by ±20 µs from run to run on this machine, more
+than a log line costs. So this drives the ASGI app in-process (no HTTP server, no client)
+and toggles one kind of telemetry at a time on the same running app, in short alternating
+batches, and reports the median CPU per request of each setting: everything off, the
+access log alone, metrics alone, traces alone (exported through a real span relay to a
+sink in another process), and everything. What it cannot show is the extra cost of the
+same code in a busy worker with cold caches; the wrk benchmarks (overhead.py) do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from benchmarks.overhead import QUESTION
+
+SETTINGS = {"off": "", "access log": "l", "metrics": "m", "traces": "t", "everything": "lmt"}
+_SINK = (
+    "from http.server import ThreadingHTTPServer; from benchmarks.overhead import _Sink; "
+    "ThreadingHTTPServer(('127.0.0.1', {port}), _Sink).serve_forever()"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def measure(rounds: int = 10, batch: int = 1500) -> dict[str, Any]:
+    """Run in a fresh interpreter: the telemetry modules read their environment once."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.components", "--child", str(rounds), str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _child(rounds: int, batch: int) -> dict[str, Any]:
+    port = _free_port()
+    sink = subprocess.Popen([sys.executable, "-c", _SINK.format(port=port)])
+    tmp = Path(tempfile.mkdtemp())
+    os.environ.update(
+        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
+        OTEL_SDK_DISABLED="false",
+        OTEL_TRACES_SAMPLER="always_on",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+    )
+    (tmp / "metrics").mkdir()
+    from api.telemetry.relay import SOCKET_ENV, Relay
+
+    relay = Relay()
+    os.environ[SOCKET_ENV] = relay.path
+    from tests.servers import ROOT, RedisServer
+
+    redis_server = RedisServer(tmp / "redis")
+    redis_server.start()
+    try:
+        return asyncio.run(_drive(tmp, ROOT, redis_server.url, rounds, batch))
+    finally:
+        redis_server.stop()
+        relay.stop()
+        sink.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _drive(tmp: Path, root: Path, redis_url: str, rounds: int, batch: int) -> dict[str, Any]:
+    from opentelemetry.trace import NoOpTracer
+
+    from api import telemetry
+    from api.config import Settings
+    from api.main import create_app
+    from api.middleware import RequestTelemetry
+    from api.telemetry import traces
+
+    settings = Settings(
+        data_dir=tmp / "data",
+        model_dir=root / "models",
+        documents_dir=root / "documents",
+        redis_url=redis_url,
+        generator="extractive",
+        log_format="json",
+    )
+    app = create_app(settings)
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115  # the access lines go nowhere
+    body = json.dumps(QUESTION).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/query",
+        "raw_path": b"/query",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def request() -> None:
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                await asyncio.sleep(3600)
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                raise RuntimeError(f"status {message['status']}")
+
+        await app(dict(scope), receive, send)
+
+    started: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+    startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await startup.put({"type": "lifespan.startup"})
+    lifespan = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, startup.get, started.put)
+    )
+    assert (await started.get())["type"] == "lifespan.startup.complete"
+    middleware: Any = app.middleware_stack  # built by the lifespan's call
+    while not isinstance(middleware, RequestTelemetry):
+        middleware = middleware.app
+    real_tracer = traces._tracer
+
+    def configure(flags: str) -> None:
+        middleware.access_log_on = "l" in flags
+        middleware.tracing_on = "t" in flags
+        telemetry.enable_metrics("m" in flags)
+        traces._tracer = real_tracer if "t" in flags else NoOpTracer()
+
+    async def clients(count: int) -> None:  # four concurrent clients, as wrk -c4
+        async def client(n: int) -> None:
+            for _ in range(n):
+                await request()
+
+        await asyncio.gather(*(client(count // 4) for _ in range(4)))
+
+    await clients(400)  # the cache is filled, the code warm
+    cpu: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    names = list(SETTINGS)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            configure(SETTINGS[name])
+            await clients(40)
+            before = time.process_time()
+            await clients(batch)
+            cpu[name].append((time.process_time() - before) / batch * 1e6)
+    configure(SETTINGS["everything"])
+    await startup.put({"type": "lifespan.shutdown"})
+    await lifespan
+    median = {name: statistics.median(values) for name, values in cpu.items()}
+    return {"us_per_request": median, "rounds": rounds, "batch": batch}
+
+
+def report(result: dict[str, Any]) -> None:
+    median = result["us_per_request"]
+    off = median["off"]
+    print(
+        f"\ntelemetry's CPU per cached /query, in-process, 4 clients, median of "
+        f"{result['rounds']} alternating batches of {result['batch']}:"
+    )
+    for name, value in median.items():
+        extra = (
+            "" if name == "off" else f"  (+{value - off:.1f} µs, +{(value / off - 1) * 100:.0f}%)"
+        )
+        print(f"  {name:12s} {value:6.1f} µs{extra}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(_child(int(sys.argv[2]), int(sys.argv[3]))))
+    else:
+        report(measure())
