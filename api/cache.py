@@ -84,7 +84,7 @@ class Cache:
         )
         # The cached path runs on the event loop: a blocking call on the thread pool
         # costs two thread hand-offs (~100 µs of a ~500 µs answer), redis-py's asyncio
-        # client ~90 µs of CPU (api/redis_script.py).
+        # client about a third of the answer's CPU (api/redis_script.py).
         self._lookup = ScriptCaller(url, _LOOKUP, connect_timeout=timeout_seconds)
         self._timeout = timeout_seconds
         pool = self._redis.connection_pool.connection_kwargs

@@ -1,8 +1,8 @@
 """One Lua script called on the event loop, for the cached path's single Redis round trip.
 
-redis-py's asyncio client spent ~90 µs of CPU on that call, about a third of a whole
-cached answer (docs/BENCHMARKS.md): command packing, a retry wrapper, a connection pool
-with health checks, stream readers and their timers. Here a call is one write of
+In a profile, redis-py's asyncio client took about a third of a cached answer's CPU on
+that call (docs/BENCHMARKS.md): command packing, a retry wrapper, a connection pool with
+health checks, stream readers and their timers. Here a call is one write of
 pre-built RESP bytes on an asyncio protocol and one reply parsed by hiredis, the C parser
 redis-py itself uses. Everything else in the service still goes through redis-py.
 
