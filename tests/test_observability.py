@@ -295,3 +295,41 @@ def test_exemplars_link_to_exported_traces_whichever_worker_answers(stack: Stack
     stack.otlp.wait_for(lambda: all(stack.otlp.trace(t) for t in seen[0]))
     for trace_id in seen[0]:
         assert any(s.kind == SERVER for s in stack.otlp.trace(trace_id))
+
+
+def test_a_graceful_restart_loses_no_count(stack: Stack) -> None:
+    """Increments wait in the worker for the flusher; replacing every worker (the master's
+    HUP, as a config reload does) must still leave every request counted exactly once."""
+    labels = {
+        "http_route": "/query",
+        "http_request_method": "POST",
+        "http_response_status_code": "200",
+    }
+    count = "http_server_request_duration_seconds_count"
+
+    def counted() -> float:
+        return _value(stack.metrics()["http_server_request_duration_seconds"], count, **labels)
+
+    time.sleep(3 * flusher.TICK)
+    before = counted()
+    old = stack.workers()
+    n = 20
+    for i in range(n):
+        body = {"question": "Who is on call?" if i % 2 else "What happens when Redis is down?"}
+        assert httpx.post(f"{stack.base}/query", json=body, timeout=60).status_code == 200
+    (master,) = {
+        int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in old
+    }
+    os.kill(master, signal.SIGHUP)
+    wait_until(
+        lambda: len(stack.workers()) == 2 and not stack.workers() & old,
+        90,
+        "two new workers",
+    )
+    wait_until(
+        lambda: len(stack.metrics().get("rag_worker_resident_memory_bytes", [])) == 2,
+        60,
+        "the new workers reporting",
+    )
+    time.sleep(3 * flusher.TICK)
+    assert counted() - before == n
