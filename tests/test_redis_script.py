@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,24 +27,16 @@ return ARGV[1]
 PICKY = "if ARGV[1] == 'fail' then return redis.error_reply('boom') end return ARGV[1]"
 
 
-def _clients(server: RedisServer) -> int:
-    with redis.Redis(port=server.port) as admin:
+def _clients(redis_server: RedisServer) -> int:
+    with redis.Redis(port=redis_server.port) as admin:
         return int(admin.info("clients")["connected_clients"])
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    process = RedisServer(tmp_path / "redis")
-    process.start()
-    yield process
-    process.stop()
-
-
-def test_password_and_database_from_the_url(server: RedisServer) -> None:
-    admin = redis.Redis(port=server.port)
+def test_password_and_database_from_the_url(redis_server: RedisServer) -> None:
+    admin = redis.Redis(port=redis_server.port)
     admin.config_set("requirepass", "s3cret/with:odd@chars")
-    secured = redis.Redis(port=server.port, password="s3cret/with:odd@chars", db=3)
-    url = f"redis://:s3cret%2Fwith%3Aodd%40chars@127.0.0.1:{server.port}/3"
+    secured = redis.Redis(port=redis_server.port, password="s3cret/with:odd@chars", db=3)
+    url = f"redis://:s3cret%2Fwith%3Aodd%40chars@127.0.0.1:{redis_server.port}/3"
 
     async def calls() -> list[object]:
         caller = ScriptCaller(url, ECHO, connect_timeout=2)
@@ -58,21 +49,21 @@ def test_password_and_database_from_the_url(server: RedisServer) -> None:
 
     assert asyncio.run(calls()) == [[b"k", b"one"], [b"k", b"two"]]
     assert secured.get("k") == b"two"  # written in database 3, not 0
-    assert not redis.Redis(port=server.port, password="s3cret/with:odd@chars").exists("k")
+    assert not redis.Redis(port=redis_server.port, password="s3cret/with:odd@chars").exists("k")
 
     async def wrong() -> None:
-        caller = ScriptCaller(f"redis://:nope@127.0.0.1:{server.port}/0", ECHO, 2)
+        caller = ScriptCaller(f"redis://:nope@127.0.0.1:{redis_server.port}/0", ECHO, 2)
         await caller([b"k"], [b"x"])
 
     with pytest.raises(redis.ResponseError, match="WRONGPASS"):
         asyncio.run(wrong())
 
 
-def test_a_server_that_forgot_the_script_still_answers(server: RedisServer) -> None:
+def test_a_server_that_forgot_the_script_still_answers(redis_server: RedisServer) -> None:
     async def calls() -> list[object]:
-        caller = ScriptCaller(server.url, ECHO, connect_timeout=2)
+        caller = ScriptCaller(redis_server.url, ECHO, connect_timeout=2)
         first = await caller([b"k"], [b"one"])
-        redis.Redis(port=server.port).script_flush()  # as after a restart
+        redis.Redis(port=redis_server.port).script_flush()  # as after a restart
         second = await caller([b"k"], [b"two"])
         await caller.aclose()
         return [first, second]
@@ -80,9 +71,9 @@ def test_a_server_that_forgot_the_script_still_answers(server: RedisServer) -> N
     assert asyncio.run(calls()) == [[b"k", b"one"], [b"k", b"two"]]
 
 
-def test_a_call_cut_short_never_lends_its_reply_to_the_next(server: RedisServer) -> None:
+def test_a_call_cut_short_never_lends_its_reply_to_the_next(redis_server: RedisServer) -> None:
     async def calls() -> tuple[object, object]:
-        slow = ScriptCaller(server.url, SLOW, connect_timeout=2)
+        slow = ScriptCaller(redis_server.url, SLOW, connect_timeout=2)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await slow([], [b"late"])
@@ -90,10 +81,10 @@ def test_a_call_cut_short_never_lends_its_reply_to_the_next(server: RedisServer)
         # not kept for the next call.
         assert slow._idle == []
         await asyncio.sleep(0.5)  # Redis finishes the script and sees the close
-        assert _clients(server) == 1  # the admin connection only
+        assert _clients(redis_server) == 1  # the admin connection only
         after = await slow([], [b"mine"])
         # An error reply leaves its connection in step: the next call on it is answered.
-        picky = ScriptCaller(server.url, PICKY, connect_timeout=2)
+        picky = ScriptCaller(redis_server.url, PICKY, connect_timeout=2)
         with pytest.raises(redis.ResponseError, match="boom"):
             await picky([], [b"fail"])
         still = await picky([], [b"fine"])
@@ -105,15 +96,15 @@ def test_a_call_cut_short_never_lends_its_reply_to_the_next(server: RedisServer)
 
 
 def test_redis_going_away_is_a_connection_error_and_its_return_is_found(
-    server: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
     async def calls() -> object:
-        caller = ScriptCaller(server.url, ECHO, connect_timeout=2)
+        caller = ScriptCaller(redis_server.url, ECHO, connect_timeout=2)
         await caller([b"k"], [b"before"])
-        server.kill()
+        redis_server.kill()
         with pytest.raises(redis.ConnectionError):
             await caller([b"k"], [b"during"])
-        server.start()  # the same port
+        redis_server.start()  # the same port
         found = await caller([b"k"], [b"after"])
         await caller.aclose()
         return found
@@ -121,15 +112,15 @@ def test_redis_going_away_is_a_connection_error_and_its_return_is_found(
     assert asyncio.run(calls()) == [b"k", b"after"]
 
 
-def test_an_idle_connection_gone_stale_is_retried_once(server: RedisServer) -> None:
+def test_an_idle_connection_gone_stale_is_retried_once(redis_server: RedisServer) -> None:
     """Redis restarted between two calls: the idle connection is dead, and the call
     succeeds on a new one instead of failing the cache."""
 
     async def calls() -> object:
-        caller = ScriptCaller(server.url, ECHO, connect_timeout=2)
+        caller = ScriptCaller(redis_server.url, ECHO, connect_timeout=2)
         await caller([b"k"], [b"before"])
-        server.kill()
-        server.start()
+        redis_server.kill()
+        redis_server.start()
         found = await caller([b"k"], [b"after"])
         await caller.aclose()
         return found
