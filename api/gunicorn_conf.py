@@ -34,7 +34,8 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # thread pools and the span processor's sending thread do not survive a fork.
 preload_app = False
 accesslog = None  # the app writes its own access log, inside the request's trace
-# gunicorn 25+ opens a control socket at one default path per user ($HOME/.gunicorn):
+# gunicorn 25+ opens a control socket at one default path per user
+# ($XDG_RUNTIME_DIR/gunicorn.ctl, else $HOME/.gunicorn/gunicorn.ctl):
 # several replicas on a host would fight over it, and a read-only root cannot hold it.
 # Nothing here uses `gunicornc`; signals (HUP, TTIN, TERM) do the same work.
 control_socket_disable = True

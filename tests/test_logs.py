@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import select
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -124,3 +126,62 @@ def test_many_lines_do_not_wait_for_the_clock(stderr: _Stderr) -> None:
     for i in range(logs.LINES.MAX):
         log.info("line", i=i)
     assert [line["i"] for line in stderr.lines()] == list(range(logs.LINES.MAX))
+
+
+class _Stream:
+    """A stderr whose writes can be short, fail, or log a line of their own."""
+
+    def __init__(self, take: int | None = None, fail: bool = False) -> None:
+        self.data = bytearray()
+        self.take, self.fail = take, fail
+        self.during_write: Any = None
+
+    @property
+    def buffer(self) -> _Stream:
+        return self
+
+    def write(self, data: memoryview) -> int:
+        if self.fail:
+            raise BrokenPipeError("the reader is gone")
+        if self.during_write is not None:
+            action, self.during_write = self.during_write, None
+            action()
+        part = bytes(data[: self.take or len(data)])
+        self.data += part
+        return len(part)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_raw_stream_taking_part_of_a_write_gets_the_rest(monkeypatch: pytest.MonkeyPatch):
+    stream = _Stream(take=7)  # as a raw FileIO on a busy pipe may
+    monkeypatch.setattr(sys, "stderr", stream)
+    lines = logs._Lines()
+    for i in range(50):
+        lines.add(b'{"i": %d}\n' % i, urgent=False)
+    assert [json.loads(x)["i"] for x in stream.data.splitlines()] == list(range(50))
+
+
+def test_a_broken_stderr_loses_lines_but_raises_into_no_one(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "stderr", _Stream(fail=True))
+    lines = logs._Lines()
+    lines.add(b'{"event": "lost"}\n', urgent=True)  # no exception reaches the caller
+    lines.flush()
+
+
+def test_a_line_logged_while_writing_does_not_deadlock(monkeypatch: pytest.MonkeyPatch):
+    """As when the garbage collector frees an unread Future mid-write and asyncio logs it."""
+    stream = _Stream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    lines = logs._Lines()
+    stream.during_write = lambda: lines.add(b'{"event": "nested"}\n', urgent=True)
+    done = threading.Event()
+
+    def write() -> None:
+        lines.add(b'{"event": "outer"}\n', urgent=True)
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert done.wait(5), "the writing thread deadlocked on its own lock"
+    assert sorted(json.loads(x)["event"] for x in stream.data.splitlines()) == ["nested", "outer"]

@@ -28,6 +28,16 @@ _running = threading.Lock()  # one flush at a time: the thread's, or a shutdown'
 _started_in: int | None = None  # the pid whose thread runs: threads do not survive a fork
 
 
+def _after_fork() -> None:
+    """A child forked while the thread held a lock would wait on it forever."""
+    global _lock, _running
+    _lock, _running = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def every(ticks: int, task: Callable[[], None]) -> None:
     """Run `task` every `ticks` ticks, and once more by `flush()`."""
     with _lock:

@@ -9,7 +9,10 @@ through stdlib logging and get the same renderer, so one process writes one form
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
 import select
 import sys
 import threading
@@ -81,14 +84,22 @@ class _Lines:
     """Where our lines wait for the flusher (api/telemetry/flusher.py) when buffering is
     on: one write a tenth of a second instead of one per request. A warning or worse is
     written at once, after the lines before it. Written under the lock, so lines from
-    several threads keep their order."""
+    several threads keep their order. The lock is re-entrant: a write can set off a line
+    of its own in the same thread (asyncio logs an unread Future's error when the garbage
+    collector frees it, wherever that happens)."""
 
     MAX = 256  # lines held before a write regardless of the clock
 
     def __init__(self) -> None:
-        self._lines: list[bytes] = []
-        self._lock = threading.Lock()
+        self._reset()
         self.buffered = False
+        self._failed = False
+        if hasattr(os, "register_at_fork"):  # a child forked mid-write starts clean
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lines: list[bytes] = []
+        self._lock = threading.RLock()
 
     def add(self, line: bytes, urgent: bool) -> None:
         with self._lock:
@@ -101,22 +112,44 @@ class _Lines:
         with self._lock:
             self._write()
 
+    def unbuffer(self) -> None:
+        """At exit: what is waiting goes now, and whatever comes later goes at once."""
+        with self._lock:
+            self.buffered = False
+            self._write()
+
     def _write(self) -> None:
         if not self._lines:
             return
         lines, self._lines = self._lines, []
-        # Looked up per write, not bound once: loggers cached on first use keep working
-        # when the stream is replaced (pytest's capture does that between tests).
-        stream = sys.stderr.buffer
-        for chunk in _chunks(lines):
-            stream.write(chunk)
-            stream.flush()
+        try:
+            # Looked up per write, not bound once: loggers cached on first use keep
+            # working when the stream is replaced (pytest's capture does that).
+            stream = sys.stderr.buffer
+            for chunk in _chunks(lines):
+                _write_all(stream, chunk)
+        except (OSError, ValueError) as exc:  # a closed or broken stderr: lines are lost
+            if not self._failed:  # and it is said once, where it can still be said
+                self._failed = True
+                with contextlib.suppress(OSError):
+                    os.write(2, f"log lines lost: stderr failed: {exc!r}\n".encode())
+        else:
+            self._failed = False
+
+
+def _write_all(stream: Any, data: bytes) -> None:
+    """A raw stream (PYTHONUNBUFFERED) may take part of a write; the rest follows."""
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        view = view[len(view) if written is None else written :]
+    stream.flush()
 
 
 def _chunks(lines: list[bytes]) -> Iterator[bytes]:
     """Whole lines, at most PIPE_BUF bytes to a write where they fit. A replica's workers
     share one pipe to the supervisor, and only a write that size is never cut into by
-    another worker's."""
+    another worker's; a longer line (a traceback) still can be."""
     chunk: list[bytes] = []
     size = 0
     for line in lines:
@@ -141,6 +174,9 @@ class LinesHandler(logging.Handler):
         except Exception:  # logging's own rule: a failing handler must not raise
             self.handleError(record)
 
+    def flush(self) -> None:  # logging.shutdown() flushes every handler at exit
+        LINES.flush()
+
 
 LINES = _Lines()
 
@@ -161,7 +197,7 @@ class StderrLogger:
     warning = warn = error = err = critical = exception = fatal = urgent
 
 
-_access = {"json": True, "on": True}
+_access = {"json": True, "on": True, "unbuffer_at_exit": False}
 
 
 def access(fields: dict[str, Any], request_id: str, context: SpanContext | None) -> None:
@@ -207,6 +243,9 @@ def configure_logging(level: str = "info", fmt: str = "json", buffered: bool = F
     LINES.buffered = buffered
     if buffered:
         flusher.every(1, LINES.flush)
+        if not _access["unbuffer_at_exit"]:  # before the flusher's own: last in, first out
+            atexit.register(LINES.unbuffer)
+            _access["unbuffer_at_exit"] = True
     structlog.configure(
         processors=[
             *_shared(),

@@ -26,6 +26,7 @@ scope_attributes], ...]}` with ids as hex and bytes values tagged.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import signal
@@ -237,11 +238,21 @@ class RelaySpanProcessor(SpanProcessor):
         while not self._stopped:
             self._wake.wait(self._delay)
             self._wake.clear()
-            if not self._stopped:
-                self._send_all(time.monotonic() + self._timeout)
+            if self._stopped:
+                break
+            try:
+                # No overall deadline here: a slow relay slows this thread, and the queue
+                # (bounded) drops what does not fit meanwhile.
+                self._send_all(None)
+            except Exception as exc:  # the thread must outlive any one batch
+                with contextlib.suppress(OSError):
+                    os.write(2, f"span sender: {exc!r}\n".encode())
 
-    def _send_all(self, deadline: float) -> bool:
-        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+    def _send_all(self, deadline: float | None) -> bool:
+        """Everything queued, in batches; with a `deadline` (flush, shutdown), nothing is
+        waited for beyond it. The first batch that cannot be sent drops the rest."""
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._send_lock.acquire(timeout=wait):
             return False
         try:
             with self._lock:
@@ -252,20 +263,26 @@ class RelaySpanProcessor(SpanProcessor):
             for i in range(0, len(rows), self._batch):
                 batch = rows[i : i + self._batch]
                 assert self._resource is not None  # set by the first span
-                if time.monotonic() > deadline or not self._send(frame(self._resource, batch)):
-                    self._warn("span relay unreachable, spans dropped", len(rows) - i)
+                if not self._send(frame(self._resource, batch), deadline):
+                    self._warn("span relay unreachable or too slow, spans dropped", len(rows) - i)
                     return False
             return True
         finally:
             self._send_lock.release()
 
-    def _send(self, data: bytes) -> bool:
-        for _ in (1, 2):  # one reconnect: the connection may have gone stale
+    def _send(self, data: bytes, deadline: float | None) -> bool:
+        for attempt in (1, 2):  # one reconnect: the connection may have gone stale
+            timeout = self._timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0 or (attempt == 2 and timeout < self._timeout / 2):
+                    return False
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    self._sock.settimeout(self._timeout)
+                    self._sock.settimeout(timeout)
                     self._sock.connect(self._path)
+                self._sock.settimeout(timeout)
                 self._sock.sendall(data)
                 return True
             except OSError:
