@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,19 +28,14 @@ from typing import Any
 
 import uvloop
 
-from benchmarks.overhead import QUESTION
+from benchmarks.overhead import QUESTION, cpu_seconds
+from tests.servers import ROOT, RedisServer, free_port
 
 SETTINGS = {"off": "", "access log": "l", "metrics": "m", "traces": "t", "everything": "lmt"}
 _SINK = (
     "from http.server import ThreadingHTTPServer; from benchmarks.overhead import _Sink; "
     "ThreadingHTTPServer(('127.0.0.1', {port}), _Sink).serve_forever()"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def measure(rounds: int = 30, batch: int = 500) -> dict[str, Any]:
@@ -60,7 +54,7 @@ def measure(rounds: int = 30, batch: int = 500) -> dict[str, Any]:
 
 
 def _child(rounds: int, batch: int) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     sink = subprocess.Popen([sys.executable, "-c", _SINK.format(port=port)])
     tmp = Path(tempfile.mkdtemp())
     os.environ.update(
@@ -74,12 +68,10 @@ def _child(rounds: int, batch: int) -> dict[str, Any]:
 
     relay = Relay()
     os.environ[SOCKET_ENV] = relay.path
-    from tests.servers import ROOT, RedisServer
-
     redis_server = RedisServer(tmp / "redis")
     redis_server.start()
     try:
-        return uvloop.run(_drive(tmp, ROOT, redis_server.url, rounds, batch, relay.process.pid))
+        return uvloop.run(_drive(tmp, redis_server.url, rounds, batch, relay.process.pid))
     finally:
         redis_server.stop()
         relay.stop()
@@ -87,13 +79,8 @@ def _child(rounds: int, batch: int) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _drive(  # noqa: PLR0917
-    tmp: Path, root: Path, redis_url: str, rounds: int, batch: int, relay_pid: int
+async def _drive(
+    tmp: Path, redis_url: str, rounds: int, batch: int, relay_pid: int
 ) -> dict[str, Any]:
     from opentelemetry.trace import NoOpTracer
 
@@ -105,8 +92,8 @@ async def _drive(  # noqa: PLR0917
 
     settings = Settings(
         data_dir=tmp / "data",
-        model_dir=root / "models",
-        documents_dir=root / "documents",
+        model_dir=ROOT / "models",
+        documents_dir=ROOT / "documents",
         redis_url=redis_url,
         generator="extractive",
         log_format="json",
@@ -179,11 +166,11 @@ async def _drive(  # noqa: PLR0917
             configure(SETTINGS[name])
             await clients(40)
             await asyncio.sleep(0.3)  # the relay done with the previous setting's spans
-            before, relay_before = time.process_time(), _cpu_seconds(relay_pid)
+            before, relay_before = time.process_time(), cpu_seconds(relay_pid)
             await clients(batch)
             cpu[name].append((time.process_time() - before) / batch * 1e6)
             await asyncio.sleep(0.3)  # and with this one's
-            relayed[name].append(_cpu_seconds(relay_pid) - relay_before)
+            relayed[name].append(cpu_seconds(relay_pid) - relay_before)
     configure(SETTINGS["everything"])
     await startup.put({"type": "lifespan.shutdown"})
     await lifespan

@@ -69,7 +69,8 @@ def _relay_pid(server: ApiServer) -> int:
     raise RuntimeError("no span relay found under the instrumented server")
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """A process's user and system CPU so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -109,12 +110,12 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
             names = list(servers)
             for i in range(rounds):
                 for name in names[i % len(names) :] + names[: i % len(names)]:
-                    before = _cpu_seconds(relay)
+                    before = cpu_seconds(relay)
                     result = wrk(f"{servers[name].base}/query", seconds, concurrency, QUESTION)
                     assert result.errors == 0, result
                     rates[name].append(result.rps)
                     if name == "on":
-                        relay_cpu += _cpu_seconds(relay) - before
+                        relay_cpu += cpu_seconds(relay) - before
                         requests_on += result.requests
         finally:
             for server in servers.values():

@@ -5,6 +5,7 @@ deadline, and a Redis that goes away and comes back."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -162,3 +163,10 @@ def test_a_unix_socket_and_an_acl_user(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def test_tls_is_configured_from_the_url_as_redis_py_does() -> None:
+    strict = ScriptCaller("rediss://cache.internal:6380/0", ECHO, connect_timeout=1)._tls
+    assert strict.verify_mode == ssl.CERT_REQUIRED and strict.check_hostname
+    lax = ScriptCaller("rediss://cache.internal:6380/0?ssl_cert_reqs=none", ECHO, 1)._tls
+    assert lax.verify_mode == ssl.CERT_NONE and not lax.check_hostname

@@ -179,6 +179,9 @@ class LinesHandler(logging.Handler):
 
 
 LINES = _Lines()
+# At exit what waits is written, and later lines go at once. Registered after the
+# flusher's own exit flush (imported above), so it runs before it: last in, first out.
+atexit.register(LINES.unbuffer)
 
 
 class StderrLogger:
@@ -197,7 +200,7 @@ class StderrLogger:
     warning = warn = error = err = critical = exception = fatal = urgent
 
 
-_access = {"json": True, "on": True, "unbuffer_at_exit": False}
+_access = {"json": True, "on": True}
 
 
 def access(fields: dict[str, Any], request_id: str, context: SpanContext | None) -> None:
@@ -243,9 +246,6 @@ def configure_logging(level: str = "info", fmt: str = "json", buffered: bool = F
     LINES.buffered = buffered
     if buffered:
         flusher.every(1, LINES.flush)
-        if not _access["unbuffer_at_exit"]:  # before the flusher's own: last in, first out
-            atexit.register(LINES.unbuffer)
-            _access["unbuffer_at_exit"] = True
     structlog.configure(
         processors=[
             *_shared(),

@@ -255,8 +255,7 @@ class LeanTracer(trace.Tracer):
         self.scope = scope
         self.resource = provider.resource
         self.processors = provider.processors  # shared list: processors added later count
-        self._sampler = provider.sampler
-        sampler = provider.sampler
+        self._sampler = sampler = provider.sampler
         self._parent_based = isinstance(sampler, ParentBased)
         self._root = _static(sampler._root if isinstance(sampler, ParentBased) else sampler)
 
