@@ -11,6 +11,7 @@ import json
 import random
 import re
 import time
+from typing import Any
 
 import structlog
 from opentelemetry import context as otel_context
@@ -25,6 +26,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNTRACKED = frozenset({"/metrics"})
 UNTRACED = frozenset({"/metrics", "/health", "/ready"})  # probes would drown real traces
 _PROPAGATED = [(name, name.encode()) for name in ("traceparent", "tracestate", "baggage")]
+# OpenTelemetry's HTTP conventions: a method outside these is "_OTHER" in labels and span
+# names, so a client cannot mint metric series (or span names) by inventing methods.
+_KNOWN_METHODS = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+)
 
 
 class RequestTelemetry:
@@ -45,6 +51,10 @@ class RequestTelemetry:
         self.app = app
         self.access_log_on = access_log_on
         self.tracing_on = tracing_on
+        # Per label set, found once: the label values are bounded (known methods, route
+        # templates, status codes), and a lookup by keywords costs more than the update.
+        self._active: dict[str, Any] = {}
+        self._durations: dict[tuple[str, str, int], metrics.Series] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNTRACKED:
@@ -55,21 +65,26 @@ class RequestTelemetry:
         # Not uuid4: a request id needs uniqueness, not unpredictability, and urandom is a
         # system call per request.
         request_id = given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
-        method = scope["method"]
+        given_method = scope["method"]
+        method = given_method if given_method in _KNOWN_METHODS else "_OTHER"
         span = None
         if self.tracing_on and scope["path"] not in UNTRACED:
             carrier = {
                 name: headers[key].decode("latin-1") for name, key in _PROPAGATED if key in headers
             }
+            attributes = {
+                "http.request.method": method,
+                "url.path": scope["path"],
+                "url.scheme": scope.get("scheme", "http"),
+            }
+            if method != given_method:
+                attributes["http.request.method_original"] = given_method
+            span_method = "HTTP" if method == "_OTHER" else method
             span = telemetry.tracer().start_span(
-                method,
+                span_method,
                 context=propagate.extract(carrier) if carrier else None,
                 kind=SpanKind.SERVER,
-                attributes={
-                    "http.request.method": method,
-                    "url.path": scope["path"],
-                    "url.scheme": scope.get("scheme", "http"),
-                },
+                attributes=attributes,
             )
             span_token = otel_context.attach(trace.set_span_in_context(span))
         status = 500
@@ -89,7 +104,9 @@ class RequestTelemetry:
 
         measured = telemetry.metrics_enabled()
         if measured:
-            active = telemetry.child(metrics.HTTP_ACTIVE, http_request_method=method)
+            active: Any = self._active.get(method)
+            if active is None:
+                active = self._active[method] = metrics.HTTP_ACTIVE.labels(method)
             active.inc()
         start = time.perf_counter()
         try:
@@ -100,17 +117,22 @@ class RequestTelemetry:
             template = getattr(route, "path", None) or "unmatched"  # never the raw path
             if measured:
                 active.dec()
-                telemetry.observe(
-                    metrics.HTTP_DURATION,
-                    elapsed,
-                    http_request_method=method,
-                    http_route=template,
-                    http_response_status_code=str(status),
-                )
+                labels = (method, template, status)
+                durations = self._durations.get(labels)
+                if durations is None:
+                    durations = self._durations[labels] = metrics.Series(
+                        metrics.HTTP_DURATION,
+                        {
+                            "http_request_method": method,
+                            "http_route": template,
+                            "http_response_status_code": str(status),
+                        },
+                    )
+                durations.observe(elapsed, telemetry.current_trace_id())
             if self.access_log_on:
                 logs.access(
                     {
-                        "method": method,
+                        "method": given_method,
                         "route": template,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 2),
@@ -122,7 +144,7 @@ class RequestTelemetry:
             structlog.contextvars.unbind_contextvars("request_id")
             telemetry.request_notes.reset(notes_token)
             if span is not None:
-                span.update_name(f"{method} {template}")
+                span.update_name(f"{span_method} {template}")
                 span.set_attributes({"http.route": template, "http.response.status_code": status})
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))

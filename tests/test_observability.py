@@ -257,6 +257,47 @@ def test_one_query_is_one_trace_continuing_the_callers(stack: Stack) -> None:
     assert "span_id" in line and "duration_ms" in line
 
 
+def test_an_unknown_method_mints_no_series(stack: Stack) -> None:
+    """OpenTelemetry's rule: a method outside the HTTP standard's is "_OTHER" in metric
+    labels and span names (the original kept as an attribute), so a client cannot make
+    new series by inventing methods. The access line keeps what was sent."""
+    trace_id, request_id = secrets.token_hex(16), "odd-" + secrets.token_hex(6)
+    response = httpx.request(
+        "PROPFIND",
+        f"{stack.base}/query",
+        headers={
+            "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+            "x-request-id": request_id,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 405 and response.headers["x-request-id"] == request_id
+
+    def methods() -> set[str]:
+        samples = stack.metrics()["http_server_request_duration_seconds"]
+        return {
+            s.labels["http_request_method"] for s in samples if s.labels["http_route"] == "/query"
+        }
+
+    wait_until(lambda: "_OTHER" in methods(), 5, "the request counted")
+    assert "PROPFIND" not in methods()
+    stack.otlp.wait_for(lambda: bool(stack.otlp.trace(trace_id)))
+    (server,) = [s for s in stack.otlp.trace(trace_id) if s.kind == SERVER]
+    assert server.name == "HTTP /query"
+    assert server.attributes["http.request.method"] == "_OTHER"
+    assert server.attributes["http.request.method_original"] == "PROPFIND"
+
+    def access() -> list[dict[str, object]]:
+        return [
+            r
+            for r in map(json.loads, stack.log_lines())
+            if r.get("event") == "request" and r.get("request_id") == request_id
+        ]
+
+    wait_until(lambda: bool(access()), 5, "the access line")
+    assert [(r["method"], r["status"]) for r in access()] == [("PROPFIND", 405)]
+
+
 def test_every_log_line_is_json(stack: Stack) -> None:
     lines = stack.log_lines()
     assert len(lines) > 20

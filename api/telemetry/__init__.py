@@ -31,6 +31,7 @@ __all__ = [
     "metrics_enabled",
     "note",
     "observe",
+    "series",
     "setup_tracing",
     "shutdown_tracing",
     "stage",
@@ -73,13 +74,22 @@ def child(metric: Any, **labels: str) -> Any:
     return found
 
 
+_series: dict[tuple[Any, ...], metrics.Series] = {}
+
+
+def series(histogram: Histogram, **labels: str) -> metrics.Series:
+    """The labelled series of `histogram`, remembered, as `child` does for counters."""
+    key = (histogram, *labels.items())
+    found = _series.get(key)
+    if found is None:
+        found = _series[key] = metrics.Series(histogram, labels)
+    return found
+
+
 def observe(histogram: Histogram, value: float, **labels: str) -> None:
     """Record a duration, with the current trace as its exemplar when there is one."""
-    if not _metrics_on:
-        return
-    child(histogram, **labels).observe(value)
-    if (trace_id := current_trace_id()) is not None:
-        metrics.EXEMPLARS.record(histogram, labels, value, trace_id)
+    if _metrics_on:
+        series(histogram, **labels).observe(value, current_trace_id())
 
 
 def count(counter: Any, amount: float = 1, **labels: str) -> None:

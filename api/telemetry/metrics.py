@@ -233,15 +233,14 @@ class Exemplars:
     def key(metric: str, labels: Iterable[tuple[str, str]], le: str) -> str:
         return json.dumps([metric, sorted(labels), le])
 
-    def record(
-        self, histogram: Histogram, labels: dict[str, str], value: float, trace_id: str
+    def put(
+        self, series: tuple[str, tuple[tuple[str, str], ...]], le: str, value: float, trace_id: str
     ) -> None:
-        bounds: list[float] = histogram._upper_bounds  # the histogram's own bucket edges
-        le = bounds[bisect.bisect_left(bounds, value)]
-        le_text = "+Inf" if le == float("inf") else repr(float(le))
+        """The newest exemplar of one bucket (`le`, as the exposition writes it) of a
+        series (metric name, label pairs)."""
         entry = (trace_id, value, time.time())
         with self._lock:
-            self._latest[(histogram._name, tuple(labels.items()), le_text)] = entry
+            self._latest[(*series, le)] = entry
             self._dirty = True
 
     def _local(self) -> dict[str, tuple[str, float, float]]:
@@ -278,6 +277,31 @@ class Exemplars:
 EXEMPLARS = Exemplars(MULTIPROC_DIR)
 
 
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class Series:
+    """One labelled series of a histogram, with its exemplars: the child, the exemplar key
+    and the buckets' texts are found once, not on every observation (on the request path
+    that lookup was most of a metric's cost, docs/BENCHMARKS.md)."""
+
+    __slots__ = ("_bounds", "_child", "_key", "_les")
+
+    def __init__(self, histogram: Histogram, labels: dict[str, str]) -> None:
+        self._child = histogram.labels(**labels) if labels else histogram
+        self._key = (histogram._name, tuple(labels.items()))
+        self._bounds: list[float] = histogram._upper_bounds  # the histogram's own edges
+        self._les = [_le(bound) for bound in self._bounds]
+
+    def observe(self, value: float, trace_id: str | None) -> None:
+        """`trace_id`: the exemplar's, or None for none."""
+        self._child.observe(value)
+        if trace_id is not None:
+            le = self._les[bisect.bisect_left(self._bounds, value)]
+            EXEMPLARS.put(self._key, le, value, trace_id)
+
+
 def forget_worker(pid: int) -> None:
     """gunicorn's child_exit hook: drop a dead worker's live gauges and exemplars."""
     multiprocess.mark_process_dead(pid)
@@ -304,7 +328,7 @@ def _attach(name: str, sample: Any, exemplars: dict[str, tuple[str, float, float
     labels = {k: v for k, v in sample.labels.items() if k != "le"}
     le = sample.labels["le"]
     found = exemplars.get(
-        Exemplars.key(name, labels.items(), "+Inf" if le == "+Inf" else repr(float(le)))
+        Exemplars.key(name, labels.items(), "+Inf" if le == "+Inf" else _le(float(le)))
     )
     if found is None:
         return sample

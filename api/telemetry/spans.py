@@ -258,6 +258,8 @@ class LeanTracer(trace.Tracer):
         self._sampler = sampler = provider.sampler
         self._parent_based = isinstance(sampler, ParentBased)
         self._root = _static(sampler._root if isinstance(sampler, ParentBased) else sampler)
+        # always_on / always_off on their own: one answer for every span, parent or not.
+        self._fixed = None if self._parent_based else self._root
 
     def start_span(  # noqa: PLR0917  # the API's signature
         self,
@@ -283,6 +285,11 @@ class LeanTracer(trace.Tracer):
             # What the parent-based sampler answers under a local parent, without the call.
             sampled = recording = parent.trace_flags.sampled
             state: TraceState | None = parent.trace_state
+        elif self._fixed is not None:
+            # What a fixed sampler answers, without the call: its decision, and the
+            # parent's trace state carried on.
+            sampled, recording = self._fixed
+            state = parent.trace_state if parent is not None else None
         elif parent is None and self._root is not None:
             # A root under an always-on or always-off sampler (the default is always-on
             # under parent-based): its answer is fixed, without the call.
