@@ -1,11 +1,20 @@
 """`make bench`, part three: what observability costs on the cached `/query` path.
 
-Three copies of the service side by side, one gunicorn worker each, the same corpus and
-Redis: one with everything on (traces sampled at 100% and exported over OTLP/HTTP through
-the span relay, Prometheus metrics in multiprocess mode, the JSON access log), the same
-with one trace in ten sampled, and one with everything off (OTEL_SDK_DISABLED=true,
-METRICS_ENABLED=false, ACCESS_LOG=false). wrk drives them in rotating rounds so drift on
-the machine hits all alike. The OTLP
+Copies of the service side by side, one gunicorn worker each, the same corpus and Redis:
+- "on": everything (traces sampled at 100% and exported over OTLP/HTTP through the span
+  relay, Prometheus metrics in multiprocess mode, the JSON access log);
+- "sampled": the same with one trace in ten sampled, as a busy deployment would run;
+- "ids": tracing with no exporter and nothing else: spans are contexts only, so this is
+  the price of trace and span ids on every request, the least any tracing can cost here;
+- "off": everything off (OTEL_SDK_DISABLED=true, METRICS_ENABLED=false, ACCESS_LOG=false);
+- "off, again": a second "off", the control: how far two identical servers measure apart
+  in this run is the resolution of every other figure.
+wrk drives them in rotating rounds so drift on the machine hits all alike. Each server's
+worker has the first CPU to itself and everything else (wrk, Redis, the span relay, the
+other servers' masters) shares the rest: left to the scheduler, the worker under load
+shared its core with whatever woke next to it, and two identical servers measured 6%
+apart. What a worker does on its own core is what the throughput figures measure; what
+the relay spends on another core is reported beside them. The OTLP
 endpoint is a sink that reads and discards, standing in for a collector on another host.
 The span relay's own CPU is reported too: it is work moved off the worker, not work gone.
 """
@@ -18,6 +27,7 @@ import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -54,6 +64,21 @@ def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def _workers(server: ApiServer) -> list[int]:
+    """The gunicorn workers of this server: runner → master → worker, not the relay."""
+    assert server.proc is not None
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"gunicorn" not in (proc / "cmdline").read_bytes():
+                continue
+            if _parent(_parent(int(proc.name))) == server.proc.pid:
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def _relay_pid(server: ApiServer) -> int:
     """The `api.telemetry.relay` process started by this server's gunicorn master (in a
     session of its own, so its ancestry, not its group, says whose it is)."""
@@ -69,13 +94,42 @@ def _relay_pid(server: ApiServer) -> int:
     raise RuntimeError("no span relay found under the instrumented server")
 
 
+def _start_all(
+    tmp: Path, redis_url: str, configs: dict[str, dict[str, str]], cpus: set[int]
+) -> dict[str, ApiServer]:
+    """Every configuration's server, started on all CPUs (start-up is not measured), each
+    with the one question's answer cached."""
+    tmp.mkdir()
+    servers: dict[str, ApiServer] = {}
+    load = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        for name, env in configs.items():
+            servers[name] = server = _server(tmp, name.replace(", ", "-"), redis_url, env)
+            server.start()
+            httpx.post(f"{server.base}/query", json=QUESTION, timeout=60)
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    finally:
+        os.sched_setaffinity(0, load)
+    return servers
+
+
 def cpu_seconds(pid: int) -> float:
     """A process's user and system CPU so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[str, float]:
+def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[str, Any]:
+    everywhere = os.sched_getaffinity(0)
+    cpus = sorted(everywhere)
+    workers_cpu, others = {cpus[0]}, set(cpus[1:]) or {cpus[0]}
+    # From here on this thread, and what it starts (the sink's threads, Redis, wrk), runs
+    # on the CPUs the measured workers do not.
+    os.sched_setaffinity(0, others)
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     everything = {
@@ -85,6 +139,7 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
         "METRICS_ENABLED": "true",
         "ACCESS_LOG": "true",
     }
+    off = {"OTEL_SDK_DISABLED": "true", "METRICS_ENABLED": "false", "ACCESS_LOG": "false"}
     configs = {
         "on": everything,
         # The same, but one request in ten traced: what a busy deployment would run.
@@ -93,42 +148,77 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
             "OTEL_TRACES_SAMPLER_ARG": "0.1",
         },
-        "off": {"OTEL_SDK_DISABLED": "true", "METRICS_ENABLED": "false", "ACCESS_LOG": "false"},
+        "ids": {
+            "OTEL_SDK_DISABLED": "false",
+            "OTEL_TRACES_SAMPLER": "always_on",
+            "METRICS_ENABLED": "false",
+            "ACCESS_LOG": "false",
+        },
+        "off": off,
+        "off, again": off,
     }
     rates: dict[str, list[float]] = {name: [] for name in configs}
+    busy: dict[str, list[float]] = {name: [] for name in configs}
+    spent = dict.fromkeys(configs, 0.0)  # worker CPU seconds
+    served = dict.fromkeys(configs, 0)  # requests
     relay_cpu = requests_on = 0.0
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         redis_server = RedisServer(tmp / "redis")
         redis_server.start()
-        servers = {name: _server(tmp, name, redis_server.url, env) for name, env in configs.items()}
         try:
-            for server in servers.values():
-                server.start()
-                httpx.post(f"{server.base}/query", json=QUESTION, timeout=60)  # fill the cache
-            relay = _relay_pid(servers["on"])
-            names = list(servers)
             for i in range(rounds):
-                for name in names[i % len(names) :] + names[: i % len(names)]:
-                    before = cpu_seconds(relay)
-                    result = wrk(f"{servers[name].base}/query", seconds, concurrency, QUESTION)
-                    assert result.errors == 0, result
-                    rates[name].append(result.rps)
-                    if name == "on":
-                        relay_cpu += cpu_seconds(relay) - before
-                        requests_on += result.requests
+                # Fresh processes every round: a process's memory layout and hash seed
+                # alone moved one server's rate by several percent for its whole life.
+                servers = _start_all(tmp / f"round-{i}", redis_server.url, configs, everywhere)
+                try:
+                    workers = {name: _workers(server) for name, server in servers.items()}
+                    for pids in workers.values():
+                        assert pids, "no gunicorn worker found"
+                        for pid in pids:
+                            os.sched_setaffinity(pid, workers_cpu)
+                    relay = _relay_pid(servers["on"])
+                    for pid in (relay, _relay_pid(servers["sampled"])):
+                        os.sched_setaffinity(pid, others)
+                    names = list(servers)
+                    for name in names[i % len(names) :] + names[: i % len(names)]:
+                        before = cpu_seconds(relay)
+                        worked = sum(cpu_seconds(pid) for pid in workers[name])
+                        url = f"{servers[name].base}/query"
+                        result = wrk(url, seconds, concurrency, QUESTION)
+                        worked = sum(cpu_seconds(pid) for pid in workers[name]) - worked
+                        assert result.errors == 0, result
+                        rates[name].append(result.rps)
+                        busy[name].append(worked / seconds)
+                        spent[name] += worked
+                        served[name] += result.requests
+                        if name == "on":
+                            relay_cpu += cpu_seconds(relay) - before
+                            requests_on += result.requests
+                finally:
+                    for server in servers.values():
+                        server.stop()
         finally:
-            for server in servers.values():
-                server.stop()
             redis_server.stop()
             sink.shutdown()
+            os.sched_setaffinity(0, everywhere)
     mean = {name: statistics.mean(values) for name, values in rates.items()}
     return {
         "on_rps": mean["on"],
         "sampled_rps": mean["sampled"],
+        "ids_rps": mean["ids"],
         "off_rps": mean["off"],
+        "off_again_rps": mean["off, again"],
         "overhead": 1 - mean["on"] / mean["off"],
         "overhead_sampled": 1 - mean["sampled"] / mean["off"],
+        "overhead_ids": 1 - mean["ids"] / mean["off"],
+        "control": 1 - mean["off, again"] / mean["off"],
+        # The worker's CPU over the wall time: near 1 means the worker, not the load
+        # generator or the machine, set the pace.
+        "worker_busy": {name: statistics.mean(values) for name, values in busy.items()},
+        # The same cost in the worker's CPU per request, which does not depend on whether
+        # the load generator kept the worker busy.
+        "worker_us_per_request": {name: spent[name] / served[name] * 1e6 for name in configs},
         "relay_us_per_request": relay_cpu / requests_on * 1e6,
         "rounds": rounds,
         "seconds": seconds,
@@ -136,7 +226,7 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
     }
 
 
-def report(result: dict[str, float]) -> None:
+def report(result: dict[str, Any]) -> None:
     print(
         f"\ninstrumentation overhead, cached /query, 1 worker, {result['concurrency']:.0f} "
         f"clients, {result['rounds']:.0f} alternating rounds of {result['seconds']:.0f} s:"
@@ -146,6 +236,22 @@ def report(result: dict[str, float]) -> None:
     print(
         f"  on, 10% traced: {result['sampled_rps']:7.1f} req/s "
         f"({result['overhead_sampled'] * 100:.1f}% fewer than off)"
+    )
+    print(
+        f"  trace ids only: {result['ids_rps']:7.1f} req/s "
+        f"({result['overhead_ids'] * 100:.1f}% fewer than off)"
+    )
+    print(
+        f"  off, again:     {result['off_again_rps']:7.1f} req/s "
+        f"({result['control'] * 100:+.1f}% from off: this run's resolution)"
+    )
+    busy = ", ".join(f"{name} {share:.0%}" for name, share in result["worker_busy"].items())
+    print(f"  worker busy:    {busy}")
+    cpu = result["worker_us_per_request"]
+    print(
+        "  worker CPU per request: "
+        + ", ".join(f"{name} {value:.0f} µs" for name, value in cpu.items())
+        + f" (on costs {cpu['on'] - cpu['off']:+.0f} µs over off)"
     )
     relay = result["relay_us_per_request"]
     print(f"  span relay CPU: {relay:.0f} µs per request, in its own process")
