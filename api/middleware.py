@@ -26,10 +26,12 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNTRACKED = frozenset({"/metrics"})
 UNTRACED = frozenset({"/metrics", "/health", "/ready"})  # probes would drown real traces
 _PROPAGATED = [(name, name.encode()) for name in ("traceparent", "tracestate", "baggage")]
-# OpenTelemetry's HTTP conventions: a method outside these is "_OTHER" in labels and span
-# names, so a client cannot mint metric series (or span names) by inventing methods.
+# OpenTelemetry's HTTP conventions (and its contrib instrumentations' list, QUERY
+# included): a method outside these is "_OTHER" in labels and span names, so a client
+# cannot mint metric series (or span names) by inventing methods. Case-sensitive, as the
+# conventions say.
 _KNOWN_METHODS = frozenset(
-    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE")
 )
 
 

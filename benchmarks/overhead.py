@@ -9,18 +9,20 @@ Copies of the service side by side, one gunicorn worker each, the same corpus an
 - "off": everything off (OTEL_SDK_DISABLED=true, METRICS_ENABLED=false, ACCESS_LOG=false);
 - "off, again": a second "off", the control: how far two identical servers measure apart
   in this run is the resolution of every other figure.
-wrk drives them in rotating rounds so drift on the machine hits all alike. Each server's
-worker has the first CPU to itself and everything else (wrk, Redis, the span relay, the
-other servers' masters) shares the rest: left to the scheduler, the worker under load
-shared its core with whatever woke next to it, and two identical servers measured 6%
-apart. What a worker does on its own core is what the throughput figures measure; what
-the relay spends on another core is reported beside them. The OTLP
+wrk drives them in rotating rounds so drift on the machine hits all alike. The workers,
+every thread of them, run on the first CPU (one is loaded at a time; the others sleep)
+and everything else (wrk, Redis, the span relay, the gunicorn masters) on the rest: left
+to the scheduler, the worker under load shared its core with whatever woke next to it,
+and two identical servers measured 6% apart. What a worker does on its own core is what
+the throughput figures measure; what the relay spends on another core is reported beside
+them. The OTLP
 endpoint is a sink that reads and discards, standing in for a collector on another host.
 The span relay's own CPU is reported too: it is work moved off the worker, not work gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -62,6 +64,30 @@ def _server(tmp: Path, name: str, redis_url: str, env: dict[str, str]) -> ApiSer
 
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = _parent(int(proc.name))
+            except (OSError, ValueError):
+                continue
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid`: on Linux, affinity belongs to a thread, not a process (a
+    worker's flusher and span sender threads exist before the benchmark sees it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
 
 
 def _workers(server: ApiServer) -> list[int]:
@@ -130,6 +156,20 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
     # From here on this thread, and what it starts (the sink's threads, Redis, wrk), runs
     # on the CPUs the measured workers do not.
     os.sched_setaffinity(0, others)
+    try:
+        return _measure(rounds, seconds, concurrency, everywhere, workers_cpu, others)
+    finally:
+        os.sched_setaffinity(0, everywhere)
+
+
+def _measure(  # noqa: PLR0917
+    rounds: int,
+    seconds: float,
+    concurrency: int,
+    everywhere: set[int],
+    workers_cpu: set[int],
+    others: set[int],
+) -> dict[str, Any]:
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     everything = {
@@ -149,6 +189,8 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
             "OTEL_TRACES_SAMPLER_ARG": "0.1",
         },
         "ids": {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "",  # whatever the caller's environment says
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
             "OTEL_SDK_DISABLED": "false",
             "OTEL_TRACES_SAMPLER": "always_on",
             "METRICS_ENABLED": "false",
@@ -165,21 +207,20 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         redis_server = RedisServer(tmp / "redis")
-        redis_server.start()
         try:
+            redis_server.start()
             for i in range(rounds):
                 # Fresh processes every round: a process's memory layout and hash seed
                 # alone moved one server's rate by several percent for its whole life.
                 servers = _start_all(tmp / f"round-{i}", redis_server.url, configs, everywhere)
                 try:
                     workers = {name: _workers(server) for name, server in servers.items()}
-                    for pids in workers.values():
-                        assert pids, "no gunicorn worker found"
-                        for pid in pids:
-                            os.sched_setaffinity(pid, workers_cpu)
+                    for name, server in servers.items():
+                        assert workers[name], "no gunicorn worker found"
+                        assert server.proc is not None
+                        for pid in _tree(server.proc.pid):
+                            _pin(pid, workers_cpu if pid in workers[name] else others)
                     relay = _relay_pid(servers["on"])
-                    for pid in (relay, _relay_pid(servers["sampled"])):
-                        os.sched_setaffinity(pid, others)
                     names = list(servers)
                     for name in names[i % len(names) :] + names[: i % len(names)]:
                         before = cpu_seconds(relay)
@@ -201,7 +242,6 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
         finally:
             redis_server.stop()
             sink.shutdown()
-            os.sched_setaffinity(0, everywhere)
     mean = {name: statistics.mean(values) for name, values in rates.items()}
     return {
         "on_rps": mean["on"],

@@ -114,3 +114,14 @@ def relay_frame(spans: Sequence[ReadableSpan]) -> bytes:
     """The frame a worker's span processor sends the relay for `spans` (one resource)."""
     resource = relay.encode_resource(spans[0].resource if spans else None)
     return relay.frame(resource, [relay.encode_span(span) for span in spans])
+
+
+def relayed(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+    """What the relay posts for `spans`, parsed back."""
+    return ExportTraceServiceRequest.FromString(relay.to_otlp(relay_frame(spans)[4:]))
+
+
+def same(a: ExportTraceServiceRequest, b: ExportTraceServiceRequest) -> bool:
+    """Equal, compared as deterministic bytes: a field the relay wrote under a wrong number
+    or wire type parses as an unknown field, which this sees and `==` may not."""
+    return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)

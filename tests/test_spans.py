@@ -13,16 +13,22 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    StaticSampler,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AnyValue
 
-from api.telemetry import relay
 from api.telemetry.spans import LeanTracerProvider
-from tests.otlp import relay_frame
+from tests.otlp import relayed, same
 
 RESOURCE = Resource({"service.name": "rag-api"})
 CALLER = {
@@ -126,7 +132,7 @@ def test_through_the_relay_lean_spans_arrive_as_the_sdk_would_send_them():
     provider, memory = _lean()
     _request(provider.get_tracer("api", "9.9"), CALLER)
     spans = memory.get_finished_spans()
-    assert relay.to_otlp(relay_frame(spans)[4:]) == encode_spans(spans)
+    assert same(relayed(spans), encode_spans(spans))
 
 
 Decision = tuple[str, bool, bool]  # (caller, server span recorded, child sampled)
@@ -172,6 +178,41 @@ def test_sampling_decisions_match_the_sdk(monkeypatch: pytest.MonkeyPatch, sampl
         assert 0 < sum(roots) < len(roots)
 
 
+class _OnlyRoots(StaticSampler):
+    """Says "always on", but samples root spans only: the tracer must ask it."""
+
+    def __init__(self) -> None:
+        super().__init__(sampling.Decision.RECORD_AND_SAMPLE)
+
+    def should_sample(self, parent_context, *args: Any, **kwargs: Any) -> SamplingResult:
+        if trace.get_current_span(parent_context).get_span_context().is_valid:
+            return SamplingResult(sampling.Decision.DROP)
+        return super().should_sample(parent_context, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        _OnlyRoots(),
+        ParentBased(ALWAYS_ON, local_parent_sampled=_OnlyRoots()),
+    ],
+    ids=["a subclass of the fixed sampler", "parent-based with its own delegates"],
+)
+def test_a_sampler_of_ones_own_is_asked(sampler: Sampler):
+    """The tracer answers for the SDK's fixed and parent-based samplers without calling
+    them; any other sampler, even one that looks like them, decides for itself."""
+    lean = LeanTracerProvider(RESOURCE, sampler)
+    sdk = TracerProvider(resource=RESOURCE, sampler=sampler, shutdown_on_exit=False)
+    for provider in (lean, sdk):
+        tracer = provider.get_tracer("api")
+        with (
+            tracer.start_as_current_span("root") as root,
+            tracer.start_as_current_span("child") as child,
+        ):
+            assert root.get_span_context().trace_flags.sampled
+            assert not child.get_span_context().trace_flags.sampled
+
+
 def test_the_relay_applies_the_limits_as_the_sdk_does(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "5")
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "2")
@@ -188,8 +229,8 @@ def test_the_relay_applies_the_limits_as_the_sdk_does(monkeypatch: pytest.Monkey
             span.add_event("first")
             span.add_event("second", {"k": "v"})
 
-    lean_sent = relay.to_otlp(relay_frame(_finished(_lean, make))[4:])
-    assert _timeless(lean_sent) == _timeless(encode_spans(_finished(_sdk, make)))
+    lean_sent = relayed(_finished(_lean, make))
+    assert same(_timeless(lean_sent), _timeless(encode_spans(_finished(_sdk, make))))
     (span,) = lean_sent.resource_spans[0].scope_spans[0].spans
     assert [a.key for a in span.attributes] == ["long", "tags"]  # the newest two, cut to 5
     assert span.attributes[0].value.string_value == "abcde"
@@ -220,8 +261,8 @@ def test_odd_values_scopes_and_remote_links_arrive_as_the_sdk_sends_them():
         random.seed(5)
         scenario(provider.get_tracer("api"), provider)
         sent.append(list(memory.get_finished_spans()))
-    lean = relay.to_otlp(relay_frame(sent[0])[4:])
-    assert _timeless(lean) == _timeless(encode_spans(sent[1]))
+    lean = relayed(sent[0])
+    assert same(_timeless(lean), _timeless(encode_spans(sent[1])))
     scope_spans = lean.resource_spans[0].scope_spans[0]
     assert scope_spans.schema_url.endswith("1.11.0")
     (link,) = scope_spans.spans[0].links

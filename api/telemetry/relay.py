@@ -3,15 +3,16 @@
 Encoding spans as OTLP protobuf costs about 26 µs per span, on the worker's GIL, on a
 thread that competes with requests: on the cached /query path that alone took 8% of
 throughput (docs/BENCHMARKS.md). So a worker's `RelaySpanProcessor` writes each span
-compactly as it ends (orjson, about 3 µs a span) and sends batches of them to a Unix
-socket; the relay process, started by the gunicorn master, builds the very OTLP request
-the SDK's exporter would have built for those spans (tested field for field) and posts it
-with that exporter's HTTP client, configured by the standard OTEL_EXPORTER_OTLP_*
-variables. It is the agent pattern of an OpenTelemetry Collector, one hop earlier.
+compactly as it ends (orjson, about 2 µs a span) and sends batches of them to a Unix
+socket; the relay process, started by the gunicorn master, writes the very OTLP request
+the SDK's exporter would have built for those spans (api/telemetry/otlp.py, tested
+against the SDK's encoder) and posts it with that exporter's HTTP client, configured by
+the standard OTEL_EXPORTER_OTLP_* variables. It is the agent pattern of an OpenTelemetry
+Collector, one hop earlier.
 
 The relay shares the machine's cores with the workers, so its cost is the service's
-cost too: building the request straight from the rows takes 16 µs a span, where
-rebuilding SDK spans and encoding those took 40.
+cost too: writing the request's bytes straight from the rows takes ~7 µs a span, where
+building protobuf message objects took ~18 and rebuilding SDK spans first took 40.
 
 Back-pressure stays where the SDK puts it: if the relay or the collector is slow, the
 worker's queue fills and drops spans instead of slowing requests.
@@ -44,16 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import (
-    AnyValue,
-    ArrayValue,
-    InstrumentationScope,
-    KeyValue,
-    KeyValueList,
-)
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 from opentelemetry.sdk.environment_variables import (
     OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
     OTEL_BSP_MAX_QUEUE_SIZE,
@@ -63,15 +54,14 @@ from opentelemetry.sdk.resources import Resource as SdkResource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.trace import SpanContext
 
+from api.telemetry.otlp import BYTES_TAG, encode_request
+
 SOCKET_ENV = "SPAN_RELAY_SOCKET"
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 64 * 1024 * 1024
-# OTLP span flags: whether the parent is known to be remote, and if it is.
-_HAS_REMOTE, _IS_REMOTE = 0x100, 0x200
 
 
 # --- the worker's side
-_BYTES = "\x00bytes"  # marks a bytes value in a row: JSON has no bytes
 
 
 def _context(ctx: SpanContext) -> list[Any]:
@@ -82,7 +72,7 @@ def _json(value: Any) -> Any:
     """What orjson cannot write: bytes (tagged, restored by the relay) and other objects,
     which become their str() as the SDK makes them, or null if they have none."""
     if isinstance(value, bytes | bytearray):
-        return {_BYTES: base64.b64encode(value).decode()}
+        return {BYTES_TAG: base64.b64encode(value).decode()}
     if type(value).__str__ is object.__str__:  # type: ignore[comparison-overlap]
         return None
     return str(value)
@@ -326,152 +316,10 @@ def _setting(name: str, default: int) -> int:
 
 
 # --- the relay's side
-def _value(value: Any, length: int | None) -> AnyValue:
-    """An attribute value as the SDK's encoder writes it, strings cut to `length`."""
-    if value is None:
-        return AnyValue()
-    if isinstance(value, str):
-        return AnyValue(string_value=value[:length] if length else value)
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, list):
-        return AnyValue(array_value=ArrayValue(values=[_value(v, length) for v in value]))
-    if isinstance(value, dict):
-        if list(value) == [_BYTES]:
-            return AnyValue(bytes_value=base64.b64decode(value[_BYTES]))
-        return AnyValue(kvlist_value=KeyValueList(values=_attributes(value, None, length)[0]))
-    return AnyValue(string_value=str(value))
-
-
-def _attributes(
-    attributes: dict[str, Any], count: int | None, length: int | None
-) -> tuple[list[KeyValue], int]:
-    """The attributes as KeyValues, and how many the count limit dropped. Like the SDK:
-    the newest `count` are kept, and a value OTLP cannot carry (an integer beyond 64
-    bits) loses its key alone, not the span or the batch."""
-    items = list(attributes.items())
-    dropped = 0
-    if count is not None and len(items) > count:
-        dropped = len(items) - count
-        items = items[dropped:]
-    encoded = []
-    for key, value in items:
-        try:
-            encoded.append(KeyValue(key=str(key), value=_value(value, length)))
-        except ValueError:
-            continue
-    return encoded, dropped
-
-
-def _newest(items: list[Any], count: int | None) -> tuple[list[Any], int]:
-    if count is None or len(items) <= count:
-        return items, 0
-    return (items[len(items) - count :] if count else []), len(items) - count
-
-
-def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> ExportTraceServiceRequest:
-    """A frame's spans as the OTLP request the SDK's exporter would have sent for them,
-    built straight from the rows: 16 µs a span, where rebuilding SDK spans and encoding
-    those took 40 (docs/BENCHMARKS.md). Attribute, event and link limits
-    (OTEL_SPAN_*_LIMIT, OTEL_ATTRIBUTE_*) are applied here, off the request path."""
-    limits = limits or SpanLimits()
-    length, span_length = limits.max_attribute_length, limits.max_span_attribute_length
-    message = orjson.loads(payload)
-    scopes: dict[bytes, tuple[InstrumentationScope, str, list[Span]]] = {}
-    for (
-        name,
-        trace_id,
-        span_id,
-        _flags,  # OTLP carries the parent's remoteness, not the W3C flags (as the SDK)
-        state,
-        parent_id,
-        parent_remote,
-        kind,
-        start,
-        end,
-        attributes,
-        status_code,
-        status_description,
-        events,
-        links,
-        scope_name,
-        scope_version,
-        scope_schema_url,
-        scope_attributes,
-    ) in message["spans"]:
-        span_attributes, dropped_attributes = _attributes(
-            attributes, limits.max_span_attributes, span_length
-        )
-        kept_events, dropped_events = _newest(events, limits.max_events)
-        kept_links, dropped_links = _newest(links, limits.max_links)
-        span = Span(
-            trace_id=bytes.fromhex(trace_id),
-            span_id=bytes.fromhex(span_id),
-            trace_state=state,
-            parent_span_id=bytes.fromhex(parent_id) if parent_id else b"",
-            name=name,
-            kind=kind + 1,  # the API's SpanKind counts from 0, OTLP's from 1 (unspecified)
-            start_time_unix_nano=start,
-            end_time_unix_nano=end,
-            attributes=span_attributes,
-            dropped_attributes_count=dropped_attributes,
-            events=[
-                _event(e_name, e_time, e_attributes, limits.max_event_attributes, length)
-                for e_name, e_time, e_attributes in kept_events
-            ],
-            dropped_events_count=dropped_events,
-            links=[_link(row, limits.max_link_attributes, length) for row in kept_links],
-            dropped_links_count=dropped_links,
-            status=Status(code=status_code, message=status_description or ""),
-            flags=_HAS_REMOTE | (_IS_REMOTE if parent_remote else 0),
-        )
-        key = orjson.dumps([scope_name, scope_version, scope_schema_url, scope_attributes])
-        if key not in scopes:
-            scope = InstrumentationScope(
-                name=scope_name,
-                version=scope_version or "",
-                attributes=_attributes(scope_attributes, None, None)[0],
-            )
-            scopes[key] = (scope, scope_schema_url or "", [])
-        scopes[key][2].append(span)
-    resource, _ = _attributes(message["resource"], None, None)
-    return ExportTraceServiceRequest(
-        resource_spans=[
-            ResourceSpans(
-                resource=Resource(attributes=resource),
-                scope_spans=[
-                    ScopeSpans(scope=scope, spans=spans, schema_url=schema_url)
-                    for scope, schema_url, spans in scopes.values()
-                ],
-                schema_url=message.get("resource_schema_url") or "",
-            )
-        ]
-    )
-
-
-def _event(
-    name: str, time: int, attributes: dict[str, Any], count: int | None, length: int | None
-) -> Span.Event:
-    kept, dropped = _attributes(attributes, count, length)
-    return Span.Event(
-        name=name, time_unix_nano=time, attributes=kept, dropped_attributes_count=dropped
-    )
-
-
-def _link(row: list[Any], count: int | None, length: int | None) -> Span.Link:
-    trace_id, span_id, _flags, attributes, remote = row
-    kept, dropped = _attributes(attributes, count, length)
-    return Span.Link(
-        trace_id=bytes.fromhex(trace_id),
-        span_id=bytes.fromhex(span_id),
-        attributes=kept,
-        dropped_attributes_count=dropped,
-        flags=_HAS_REMOTE | (_IS_REMOTE if remote else 0),
-    )
+def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> bytes:
+    """A frame's spans as the serialised OTLP request the SDK's exporter would have sent
+    for them (api/telemetry/otlp.py)."""
+    return encode_request(orjson.loads(payload), limits)
 
 
 class OtlpSender:
@@ -485,8 +333,8 @@ class OtlpSender:
 
         self._exporter = OTLPSpanExporter()
 
-    def send(self, request: ExportTraceServiceRequest) -> bool:
-        return bool(self._exporter._client.export(request.SerializePartialToString()).success)
+    def send(self, request: bytes) -> bool:
+        return bool(self._exporter._client.export(request).success)
 
     def shutdown(self) -> None:
         self._exporter.shutdown()  # type: ignore[no-untyped-call]

@@ -40,7 +40,13 @@ from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, SpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, StaticSampler
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    StaticSampler,
+)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
@@ -243,11 +249,24 @@ class _Current:
 
 
 def _static(sampler: Sampler) -> tuple[bool, bool] | None:
-    """(sampled, recording) if `sampler` answers the same for every span, else None."""
-    if isinstance(sampler, StaticSampler):
+    """(sampled, recording) if `sampler` answers the same for every span, else None. The
+    SDK's own class only: a subclass may answer otherwise."""
+    if type(sampler) is StaticSampler:
         decision = sampler._decision
         return decision.is_sampled(), decision.is_recording()  # type: ignore[no-untyped-call]
     return None
+
+
+def _follows_local_parents(sampler: Sampler) -> bool:
+    """The SDK's parent-based sampler as OTEL_TRACES_SAMPLER builds it: under a local
+    parent it takes the parent's decision. Not one with other delegates, or a subclass
+    that decides for itself."""
+    return (
+        isinstance(sampler, ParentBased)
+        and type(sampler).should_sample is ParentBased.should_sample
+        and sampler._local_parent_sampled is ALWAYS_ON
+        and sampler._local_parent_not_sampled is ALWAYS_OFF
+    )
 
 
 class LeanTracer(trace.Tracer):
@@ -256,10 +275,14 @@ class LeanTracer(trace.Tracer):
         self.resource = provider.resource
         self.processors = provider.processors  # shared list: processors added later count
         self._sampler = sampler = provider.sampler
-        self._parent_based = isinstance(sampler, ParentBased)
-        self._root = _static(sampler._root if isinstance(sampler, ParentBased) else sampler)
-        # always_on / always_off on their own: one answer for every span, parent or not.
-        self._fixed = None if self._parent_based else self._root
+        self._parent_based = _follows_local_parents(sampler)
+        self._root: tuple[bool, bool] | None = None  # a root span's fixed answer, if any
+        self._fixed: tuple[bool, bool] | None = None  # every span's fixed answer, if any
+        if self._parent_based:
+            self._root = _static(sampler._root)  # type: ignore[attr-defined]
+        elif not isinstance(sampler, ParentBased):
+            # always_on / always_off on their own: one answer for every span.
+            self._root = self._fixed = _static(sampler)
 
     def start_span(  # noqa: PLR0917  # the API's signature
         self,
