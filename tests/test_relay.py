@@ -3,6 +3,7 @@ of it must be, byte for byte, the OTLP the worker would have sent itself."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,31 @@ def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_the
     processor.on_end(spans[0])
     assert not processor.force_flush()
     processor.shutdown()
+
+
+def test_a_frame_the_relay_cannot_write_costs_that_frame_only(monkeypatch: pytest.MonkeyPatch):
+    """A span with a float clock reading (an easy mistake with `start_time`) cannot be
+    written as OTLP: its frame is dropped, and the frames after it on the same
+    connection still arrive."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    process = relay.Relay()
+    spans = _spans()
+    good = relay_frame(spans)
+    row_start = str(spans[0].start_time).encode()
+    bad = good.replace(row_start, row_start + b".5", 1)
+    assert bad != good
+    bad = len(bad[4:]).to_bytes(4, "big") + bad[4:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(process.path)
+            sock.sendall(bad + good)
+            wait_until(lambda: len(receiver.spans) == 2, 15, "the good frame's spans")
+    finally:
+        process.stop()
+        receiver.stop()
+    assert {s.span_id for s in receiver.spans} == {format(s.context.span_id, "016x") for s in spans}
 
 
 def test_a_full_batch_goes_at_once_and_a_full_queue_drops(

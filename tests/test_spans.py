@@ -213,6 +213,19 @@ def test_a_sampler_of_ones_own_is_asked(sampler: Sampler):
             assert not child.get_span_context().trace_flags.sampled
 
 
+def test_the_relay_keeps_the_sign_of_zero():
+    """Attribute encodings are remembered across spans, and 0.0 == -0.0 as a dict key:
+    the relay must still write each span's own."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("api")
+    for value in (0.0, -0.0, 1, True, "x" * 300, "x" * 300):
+        tracer.start_span("s", attributes={"value": value}).end()
+    spans = memory.get_finished_spans()
+    assert same(relayed(spans), encode_spans(spans))
+
+
 def test_the_relay_applies_the_limits_as_the_sdk_does(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "5")
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "2")

@@ -30,7 +30,9 @@ _double = struct.Struct("<d").pack
 
 
 def _varint(n: int) -> bytes:
-    if n < 128:
+    """Non-negative only (a negative `n` raises ValueError): int64 values are masked to
+    their two's complement before they get here, as protobuf writes them."""
+    if 0 <= n < 128:
         return _SMALL[n]
     out = bytearray()
     while n > 0x7F:
@@ -45,8 +47,9 @@ def _field(tag: bytes, data: bytes) -> bytes:
     return tag + _varint(len(data)) + data
 
 
-def _text(tag: bytes, text: str) -> bytes:
-    return _field(tag, text.encode())
+def _text(tag: bytes, text: str | None) -> bytes:
+    """A string field; None is the empty string, as protobuf's own constructors take it."""
+    return _field(tag, text.encode()) if text else tag + b"\x00"
 
 
 class _Unencodable(ValueError):
@@ -81,18 +84,21 @@ _remembered: dict[tuple[Any, ...], bytes] = {}
 
 
 def _key_value(key: Any, value: Any, length: int | None) -> bytes:
-    """A KeyValue message. Scalars are remembered: most attributes recur span after span.
-    The type is part of the key: True == 1 == 1.0 as dict keys."""
-    scalar = type(value) in (str, int, float, bool)
+    """A KeyValue message. Short strings, ints and bools are remembered: most attributes
+    recur span after span. The type is part of the key (True == 1 as dict keys); floats
+    are not remembered (0.0 == -0.0, which protobuf writes apart), nor long strings (a
+    few thousand of those would be a lot of memory)."""
+    kind = type(value)
+    scalar = kind is int or kind is bool or (kind is str and len(value) < 256)
     if scalar:
-        found = _remembered.get((key, type(value), value, length))
+        found = _remembered.get((key, kind, value, length))
         if found is not None:
             return found
     encoded = _text(b"\x0a", str(key)) + _field(b"\x12", _value(value, length))
     if scalar:
         if len(_remembered) >= 4096:  # request ids and the like would grow it forever
             _remembered.clear()
-        _remembered[(key, type(value), value, length)] = encoded
+        _remembered[(key, kind, value, length)] = encoded
     return encoded
 
 
