@@ -374,3 +374,42 @@ def test_a_graceful_restart_loses_no_count(stack: Stack) -> None:
     )
     time.sleep(3 * flusher.TICK)
     assert counted() - before == n
+
+
+def test_a_killed_span_relay_is_started_again_and_traces_resume(stack: Stack) -> None:
+    """The master's watcher starts a new relay on the same socket (gunicorn's own SIGCHLD
+    handler may reap the dead one first), and the workers reconnect to it."""
+    assert stack.process.proc is not None
+
+    def relays() -> list[int]:
+        return [
+            pid
+            for master in _children(stack.process.proc.pid)  # type: ignore[union-attr]
+            for pid in _children(master)
+            if b"api.telemetry.relay" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+
+    (old,) = relays()
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: relays() not in ([], [old]), 30, "a new relay")
+    (new,) = relays()
+    assert new != old
+
+    def traced() -> bool:
+        trace_id = secrets.token_hex(16)
+        response = httpx.post(
+            f"{stack.base}/query",
+            json={"question": "Who is on call?"},
+            headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+            timeout=60,
+        )
+        assert response.status_code == 200
+        time.sleep(1)  # the workers send every 0.1 s here (OTEL_BSP_SCHEDULE_DELAY)
+        return any(s.kind == SERVER for s in stack.otlp.trace(trace_id))
+
+    # A worker's first send after the kill may still find the old socket gone and drop its
+    # batch (its own rule); within a few requests, every worker has reconnected.
+    wait_until(traced, 30, "a trace through the new relay")
+    assert any(
+        "span relay exited" in line and "starting it again" in line for line in stack.log_lines()
+    )

@@ -3,6 +3,8 @@ of it must be, byte for byte, the OTLP the worker would have sent itself."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -119,6 +121,33 @@ def test_a_frame_the_relay_cannot_write_costs_that_frame_only(monkeypatch: pytes
         process.stop()
         receiver.stop()
     assert {s.span_id for s in receiver.spans} == {format(s.context.span_id, "016x") for s in spans}
+
+
+def test_a_relay_that_dies_is_started_again_until_it_is_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    receiver = OtlpReceiver()
+    receiver.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setattr(relay.Relay, "RESTART_DELAY", 0.2)
+    process = relay.Relay()
+    processor = relay.RelaySpanProcessor(process.path, timeout=2)
+    spans = _spans()
+    try:
+        first = process.process.pid
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: process.restarts == 1, 30, "a new relay")
+        assert process.process.pid != first and process.process.poll() is None
+        for span in spans:
+            processor.on_end(span)
+        assert processor.force_flush()  # reconnected to the new relay on the same path
+        wait_until(lambda: len(receiver.spans) == 2, 15, "spans through the new relay")
+    finally:
+        processor.shutdown()
+        process.stop()
+        receiver.stop()
+    time.sleep(0.5)  # more than the restart delay: a stopped relay stays stopped
+    assert process.restarts == 1 and process.process.poll() is not None
 
 
 def test_a_full_batch_goes_at_once_and_a_full_queue_drops(

@@ -174,8 +174,8 @@ class RelaySpanProcessor(SpanProcessor):
     and its thread only sends bytes to the relay's socket.
 
     A batch that cannot be delivered is dropped, and so is what is left to send with it
-    (and said so, once a minute at most per cause). The relay is not restarted if it dies:
-    tracing stops until the replica restarts, and the workers' logs say so. Flushing and
+    (and said so, once a minute at most per cause). If the relay dies, the master starts
+    it again on the same path (`Relay`) and the next send reconnects. Flushing and
     shutting down keep to one deadline (`timeout`), so a hung relay cannot hold a
     worker's shutdown past gunicorn's graceful timeout."""
 
@@ -398,38 +398,86 @@ def serve(path: str) -> None:
 
 class Relay:
     """The relay as a child process: started by the gunicorn master before the workers
-    fork, so each worker finds SPAN_RELAY_SOCKET in its environment."""
+    fork, so each worker finds SPAN_RELAY_SOCKET in its environment. If it dies, a thread
+    in the master starts it again on the same socket path (after a second, so a relay
+    that cannot start does not spin), and the workers' next send reconnects: the spans
+    queued meanwhile are dropped by the workers' own rules, not the tracing of the
+    replica for the rest of its life."""
+
+    RESTART_DELAY = 1.0  # seconds
 
     def __init__(self) -> None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.directory = tempfile.mkdtemp(prefix="rag-spans-", dir=base)  # mode 0700
         self.path = str(Path(self.directory, "relay.sock"))
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # the process: started by the watcher or stopped
+        try:
+            self.process = self._spawn()
+        except RuntimeError:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        threading.Thread(target=self._watch, name="span-relay-watcher", daemon=True).start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a killed relay leaves its socket behind
         # Not a worker: it must not publish worker metrics into the shared directory.
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         # Its own session: a supervisor stopping the master's process group must not stop
         # the relay before the workers have flushed into it. The master stops it last
         # (gunicorn's on_exit); if the master dies, the relay sees its parent gone and exits.
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "api.telemetry.relay", self.path],
             env=env,
             start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while not os.path.exists(self.path):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
+            if process.poll() is not None or time.monotonic() > deadline:
+                _end(process)
                 raise RuntimeError("span relay did not start")
             time.sleep(0.05)
+        return process
+
+    def _watch(self) -> None:
+        import logging
+
+        log = logging.getLogger(__name__)
+        delay = self.RESTART_DELAY
+        while True:
+            code = self.process.wait()  # 0 if gunicorn's SIGCHLD handler reaped it first
+            if self._stopping.wait(delay):
+                return
+            log.error("span relay exited (code %s): starting it again", code)
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self.process = self._spawn()
+                except RuntimeError:
+                    delay = min(delay * 2, 60.0)  # and the dead process's wait() is at once
+                    log.error("span relay did not start: next try in %.0f s", delay)
+                    continue
+                self.restarts += 1
+                delay = self.RESTART_DELAY
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self._stopping.set()
+        with self._lock:
+            _end(self.process)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":
