@@ -150,6 +150,29 @@ def test_a_relay_that_dies_is_started_again_until_it_is_stopped(
     assert process.restarts == 1 and process.process.poll() is not None
 
 
+def test_a_relay_reaped_by_someone_else_is_started_again(monkeypatch: pytest.MonkeyPatch):
+    """Under gunicorn the master's SIGCHLD handler (waitpid(-1)) may reap the relay before
+    the watcher's own wait does, which then finds no such child."""
+    monkeypatch.setattr(relay.Relay, "RESTART_DELAY", 0.2)
+    process = relay.Relay()
+    first = process.process.pid
+    waitpid = os.waitpid
+
+    def reaped_elsewhere(pid: int, options: int) -> tuple[int, int]:
+        found = waitpid(pid, options)
+        if pid == first and found[0] == first:
+            raise ChildProcessError(10, "No child processes")
+        return found
+
+    monkeypatch.setattr(os, "waitpid", reaped_elsewhere)
+    try:
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: process.restarts == 1, 30, "a new relay")
+        assert process.process.poll() is None and os.path.exists(process.path)
+    finally:
+        process.stop()
+
+
 def test_a_full_batch_goes_at_once_and_a_full_queue_drops(
     monkeypatch: pytest.MonkeyPatch,
 ):

@@ -375,9 +375,9 @@ class _RelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().__init__(path, _Connection)
 
 
-def serve(path: str) -> None:
-    """Run the relay until SIGTERM or until its parent (the gunicorn master) is gone."""
-    parent = os.getppid()
+def serve(path: str, parent: int) -> None:
+    """Run the relay until SIGTERM or until `parent` (the gunicorn master, which passes its
+    pid: it may die while this process is still importing) is no longer its parent."""
     # Background work: where it shares a core with a worker, the request goes first. The
     # scheduler tends to wake the relay on the core of the worker that just wrote to it.
     os.nice(10)
@@ -396,15 +396,47 @@ def serve(path: str) -> None:
     sender.shutdown()
 
 
+# Held while the master's watcher thread starts a relay or logs, and by every fork of the
+# process (gunicorn forks its workers without exec): a worker forked mid-Popen would hold
+# Popen's error pipe open (and Popen would wait for that worker to exit), one forked
+# mid-write would inherit a held stderr lock.
+_forking = threading.Lock()
+
+
+# Functions, not the lock's bound methods: a child replaces the lock. Popen does not run
+# these hooks (it runs no Python between fork and exec), so holding the lock around it is
+# safe.
+def _before_fork() -> None:
+    _forking.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _forking.release()
+
+
+def _after_fork_in_child() -> None:
+    global _forking
+    _forking = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
 class Relay:
     """The relay as a child process: started by the gunicorn master before the workers
     fork, so each worker finds SPAN_RELAY_SOCKET in its environment. If it dies, a thread
-    in the master starts it again on the same socket path (after a second, so a relay
-    that cannot start does not spin), and the workers' next send reconnects: the spans
-    queued meanwhile are dropped by the workers' own rules, not the tracing of the
-    replica for the rest of its life."""
+    in the master starts it again on the same socket path, and the workers' next send
+    reconnects: the spans queued meanwhile are dropped by the workers' own rules, not the
+    tracing of the replica for the rest of its life. A relay that dies again soon is
+    started again later and later (up to a minute), so a crash loop does not spin."""
 
-    RESTART_DELAY = 1.0  # seconds
+    RESTART_DELAY = 1.0  # seconds, doubled up to MAX_DELAY while restarts fail or die young
+    MAX_DELAY = 60.0
 
     def __init__(self) -> None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -415,9 +447,10 @@ class Relay:
         self._lock = threading.Lock()  # the process: started by the watcher or stopped
         try:
             self.process = self._spawn()
-        except RuntimeError:
+        except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
+        self._started = time.monotonic()
         threading.Thread(target=self._watch, name="span-relay-watcher", daemon=True).start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -428,40 +461,54 @@ class Relay:
         # Its own session: a supervisor stopping the master's process group must not stop
         # the relay before the workers have flushed into it. The master stops it last
         # (gunicorn's on_exit); if the master dies, the relay sees its parent gone and exits.
-        process = subprocess.Popen(
-            [sys.executable, "-m", "api.telemetry.relay", self.path],
-            env=env,
-            start_new_session=True,
-        )
+        with _forking:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "api.telemetry.relay", self.path, str(os.getpid())],
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         while not os.path.exists(self.path):
-            if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is not None or time.monotonic() > deadline or self._stopping.is_set():
                 _end(process)
                 raise RuntimeError("span relay did not start")
             time.sleep(0.05)
         return process
 
     def _watch(self) -> None:
-        import logging
-
-        log = logging.getLogger(__name__)
         delay = self.RESTART_DELAY
+        died = True  # the process in hand has died (not: failed to start)
         while True:
-            code = self.process.wait()  # 0 if gunicorn's SIGCHLD handler reaped it first
+            code = self.process.wait()
+            if died:
+                # A young death counts as a failed start: the delay keeps growing.
+                lived = time.monotonic() - self._started
+                delay = self.RESTART_DELAY if lived > self.MAX_DELAY else delay
+                # 0 can also mean gunicorn's SIGCHLD handler reaped it first.
+                self._log(f"span relay exited (code {code}): starting it again in {delay:.0f} s")
             if self._stopping.wait(delay):
                 return
-            log.error("span relay exited (code %s): starting it again", code)
             with self._lock:
                 if self._stopping.is_set():
                     return
                 try:
                     self.process = self._spawn()
-                except RuntimeError:
-                    delay = min(delay * 2, 60.0)  # and the dead process's wait() is at once
-                    log.error("span relay did not start: next try in %.0f s", delay)
+                except Exception as exc:  # no file descriptors, no interpreter...: try later
+                    delay = min(delay * 2, self.MAX_DELAY)
+                    self._log(f"span relay did not start ({exc}): next try in {delay:.0f} s")
+                    died = False
                     continue
+                self._started = time.monotonic()
                 self.restarts += 1
-                delay = self.RESTART_DELAY
+                delay = min(delay * 2, self.MAX_DELAY)  # for a next death, if it is young
+                died = True
+
+    @staticmethod
+    def _log(message: str) -> None:
+        import logging
+
+        with _forking:
+            logging.getLogger(__name__).error(message)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -481,4 +528,4 @@ def _end(process: subprocess.Popen[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], int(sys.argv[2]))
