@@ -53,8 +53,9 @@ class RequestTelemetry:
         self.app = app
         self.access_log_on = access_log_on
         self.tracing_on = tracing_on
-        # Per label set, found once: the label values are bounded (known methods, route
-        # templates, status codes), and a lookup by keywords costs more than the update.
+        # telemetry.child/series, keyed by position here: the label values are bounded
+        # (known methods, route templates, status codes), and a lookup by keywords cost
+        # more than the update it finds.
         self._active: dict[str, Any] = {}
         self._durations: dict[tuple[str, str, int], metrics.Series] = {}
 
@@ -108,7 +109,9 @@ class RequestTelemetry:
         if measured:
             active: Any = self._active.get(method)
             if active is None:
-                active = self._active[method] = metrics.HTTP_ACTIVE.labels(method)
+                active = self._active[method] = telemetry.child(
+                    metrics.HTTP_ACTIVE, http_request_method=method
+                )
             active.inc()
         start = time.perf_counter()
         try:
@@ -122,13 +125,11 @@ class RequestTelemetry:
                 labels = (method, template, status)
                 durations = self._durations.get(labels)
                 if durations is None:
-                    durations = self._durations[labels] = metrics.Series(
+                    durations = self._durations[labels] = telemetry.series(
                         metrics.HTTP_DURATION,
-                        {
-                            "http_request_method": method,
-                            "http_route": template,
-                            "http_response_status_code": str(status),
-                        },
+                        http_request_method=method,
+                        http_route=template,
+                        http_response_status_code=str(status),
                     )
                 durations.observe(elapsed, telemetry.current_trace_id())
             if self.access_log_on:

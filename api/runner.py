@@ -19,6 +19,7 @@ from types import FrameType
 import httpx
 import structlog
 
+from api import processes
 from api.config import Settings
 from api.telemetry.logs import configure_logging
 
@@ -128,11 +129,5 @@ def _supervise(settings: Settings, env: dict[str, str]) -> int:
     while not stopping and all(c.poll() is None for c in children):
         time.sleep(0.2)
     for child in children:  # gunicorn first: it drains in-flight requests
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=35)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        processes.stop(child, timeout=35)
     return 0 if stopping else 1

@@ -90,34 +90,34 @@ def _pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task.name), cpus)
 
 
-def _workers(server: ApiServer) -> list[int]:
-    """The gunicorn workers of this server: runner → master → worker, not the relay."""
+def _under_master(server: ApiServer, command: bytes) -> list[int]:
+    """The processes the server's gunicorn master started (runner → master → them) whose
+    command line holds `command`. The relay runs in a session of its own, so ancestry,
+    not the process group, says whose it is."""
     assert server.proc is not None
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if not proc.name.isdigit() or b"gunicorn" not in (proc / "cmdline").read_bytes():
-                continue
-            if _parent(_parent(int(proc.name))) == server.proc.pid:
+            if (
+                proc.name.isdigit()
+                and command in (proc / "cmdline").read_bytes()
+                and _parent(_parent(int(proc.name))) == server.proc.pid
+            ):
                 found.append(int(proc.name))
         except (OSError, ValueError):
             continue
     return found
 
 
+def _workers(server: ApiServer) -> list[int]:
+    return _under_master(server, b"gunicorn")  # the relay's command line does not say it
+
+
 def _relay_pid(server: ApiServer) -> int:
-    """The `api.telemetry.relay` process started by this server's gunicorn master (in a
-    session of its own, so its ancestry, not its group, says whose it is)."""
-    assert server.proc is not None
-    for proc in Path("/proc").iterdir():
-        try:
-            if b"api.telemetry.relay" not in (proc / "cmdline").read_bytes():
-                continue
-            if _parent(_parent(int(proc.name))) == server.proc.pid:  # runner → master → relay
-                return int(proc.name)
-        except (OSError, ValueError):
-            continue
-    raise RuntimeError("no span relay found under the instrumented server")
+    found = _under_master(server, b"api.telemetry.relay")
+    if not found:
+        raise RuntimeError("no span relay found under the instrumented server")
+    return found[0]
 
 
 def _start_all(

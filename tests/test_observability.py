@@ -37,16 +37,20 @@ class Stack:
     otlp: OtlpReceiver
 
     def workers(self) -> set[int]:
-        """The gunicorn workers: children of the master, itself the runner's child, apart
-        from the master's span relay."""
-        assert self.process.proc is not None
-        masters = _children(self.process.proc.pid)
-        return {
+        """The gunicorn workers: the master's children, apart from its span relay."""
+        return set(self._under_master()) - set(self.relays())
+
+    def relays(self) -> list[int]:
+        """The master's span relay (one, unless it is being replaced)."""
+        return [
             pid
-            for master in masters
-            for pid in _children(master)
-            if b"api.telemetry.relay" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-        }
+            for pid in self._under_master()
+            if b"api.telemetry.relay" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+
+    def _under_master(self) -> list[int]:
+        assert self.process.proc is not None  # the runner; the master is its child
+        return [pid for master in _children(self.process.proc.pid) for pid in _children(master)]
 
     def metrics(self, openmetrics: bool = False) -> dict[str, list]:
         accept = "application/openmetrics-text" if openmetrics else "text/plain"
@@ -379,20 +383,10 @@ def test_a_graceful_restart_loses_no_count(stack: Stack) -> None:
 def test_a_killed_span_relay_is_started_again_and_traces_resume(stack: Stack) -> None:
     """The master's watcher starts a new relay on the same socket (gunicorn's own SIGCHLD
     handler may reap the dead one first), and the workers reconnect to it."""
-    assert stack.process.proc is not None
-
-    def relays() -> list[int]:
-        return [
-            pid
-            for master in _children(stack.process.proc.pid)  # type: ignore[union-attr]
-            for pid in _children(master)
-            if b"api.telemetry.relay" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
-
-    (old,) = relays()
+    (old,) = stack.relays()
     os.kill(old, signal.SIGKILL)
-    wait_until(lambda: relays() not in ([], [old]), 30, "a new relay")
-    (new,) = relays()
+    wait_until(lambda: stack.relays() not in ([], [old]), 30, "a new relay")
+    (new,) = stack.relays()
     assert new != old
 
     def traced() -> bool:

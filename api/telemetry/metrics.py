@@ -326,10 +326,7 @@ def _attach(name: str, sample: Any, exemplars: dict[str, tuple[str, float, float
     if not sample.name.endswith("_bucket"):
         return sample
     labels = {k: v for k, v in sample.labels.items() if k != "le"}
-    le = sample.labels["le"]
-    found = exemplars.get(
-        Exemplars.key(name, labels.items(), "+Inf" if le == "+Inf" else _le(float(le)))
-    )
+    found = exemplars.get(Exemplars.key(name, labels.items(), _le(float(sample.labels["le"]))))
     if found is None:
         return sample
     trace_id, value, timestamp = found

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -54,6 +55,7 @@ from opentelemetry.sdk.resources import Resource as SdkResource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.trace import SpanContext
 
+from api import processes
 from api.telemetry.otlp import BYTES_TAG, encode_request
 
 SOCKET_ENV = "SPAN_RELAY_SOCKET"
@@ -470,7 +472,7 @@ class Relay:
         deadline = time.monotonic() + 30
         while not os.path.exists(self.path):
             if process.poll() is not None or time.monotonic() > deadline or self._stopping.is_set():
-                _end(process)
+                processes.stop(process, timeout=15)
                 raise RuntimeError("span relay did not start")
             time.sleep(0.05)
         return process
@@ -505,26 +507,14 @@ class Relay:
 
     @staticmethod
     def _log(message: str) -> None:
-        import logging
-
         with _forking:
             logging.getLogger(__name__).error(message)
 
     def stop(self) -> None:
         self._stopping.set()
         with self._lock:
-            _end(self.process)
+            processes.stop(self.process, timeout=15)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _end(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 if __name__ == "__main__":
