@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The tokenizer adds [CLS] and [SEP] to every input; the model sees at most 256 tokens.
@@ -72,7 +72,13 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_document_chars: int = Field(2_000_000, ge=1)
-    pdf_timeout_seconds: float = Field(20.0, gt=0, description="per PDF text extraction")
+    # PDF_TIMEOUT_SECONDS is its first name, from when only PDFs were parsed in a child.
+    extract_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        validation_alias=AliasChoices("extract_timeout_seconds", "pdf_timeout_seconds"),
+        description="per PDF or HTML text extraction",
+    )
     max_documents_per_request: int = Field(100, ge=1)
 
     @model_validator(mode="after")

@@ -183,7 +183,7 @@ class Ingestor:
     def ingest_file(self, path: Path, source: str, origin: str) -> IngestResult:
         limits = self._settings
         loaded = load_file(
-            path.name, path.read_bytes(), limits.max_document_chars, limits.pdf_timeout_seconds
+            path.name, path.read_bytes(), limits.max_document_chars, limits.extract_timeout_seconds
         )
         return self.ingest([NewDocument(loaded.text, source, origin, loaded.title)])[0]
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from bs4 import BeautifulSoup
-
 SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".html", ".htm")
+MAX_TITLE_CHARS = 512
 
 
 class UnsupportedFileType(ValueError):
@@ -30,9 +29,11 @@ class LoadedText:
 
 
 def load_file(
-    filename: str, data: bytes, max_chars: int = 2_000_000, pdf_timeout: float = 20.0
+    filename: str, data: bytes, max_chars: int = 2_000_000, timeout: float = 20.0
 ) -> LoadedText:
-    """Text and title of an uploaded file; `name` is reduced to its last path part."""
+    """Text and title of an uploaded file; `name` is reduced to its last path part. PDF
+    and HTML are parsed in a child process (api/extract.py) that is killed after
+    `timeout` seconds."""
     name = PurePosixPath(filename.replace("\\", "/")).name or "upload"
     suffix = PurePosixPath(name).suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
@@ -42,9 +43,10 @@ def load_file(
         )
     stem = PurePosixPath(name).stem
     if suffix == ".pdf":
-        text, title = _pdf(name, data, max_chars, pdf_timeout)
+        text, title = _in_child("pdf", name, data, max_chars, timeout)
     elif suffix in (".html", ".htm"):
-        text, title = _html(_decode(name, data))
+        markup = _decode(name, data).encode()  # the child reads plain UTF-8
+        text, title = _in_child("html", name, markup, max_chars, timeout)
     else:
         text = _decode(name, data)
         title = _markdown_title(text) if suffix == ".md" else None
@@ -52,7 +54,9 @@ def load_file(
         raise UnreadableDocument(f"{name}: no text found in the document")
     if len(text) > max_chars:
         raise UnreadableDocument(f"{name}: longer than {max_chars} characters of text")
-    return LoadedText(name=name, text=text, title=title or stem)
+    # One line, and no longer than a title given in JSON may be (api/schemas.py).
+    title = " ".join((title or "").split())[:MAX_TITLE_CHARS] or stem
+    return LoadedText(name=name, text=text, title=title)
 
 
 def _decode(name: str, data: bytes) -> str:
@@ -65,39 +69,50 @@ def _decode(name: str, data: bytes) -> str:
 
 
 def _markdown_title(text: str) -> str | None:
-    match = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.M)
-    return match.group(1) if match else None
+    """The first level-one ATX heading ("# Title", "# Title #"). A line scan, not a
+    regular expression: the obvious pattern backtracks for seconds on one crafted line,
+    and a regex search holds the GIL, so the whole worker would stop with it."""
+    for line in text.splitlines():
+        if len(line) < 3 or line[0] != "#" or line[1] not in " \t":
+            continue
+        title = line[2:].strip()
+        closed = title.rstrip("#")  # a closing run of #s counts only after a blank
+        if closed != title and (not closed or closed[-1] in " \t"):
+            title = closed.rstrip()
+        if title:
+            return title
+    return None
 
 
-def _html(markup: str) -> tuple[str, str | None]:
-    soup = BeautifulSoup(markup, "html.parser")
-    for tag in soup(["script", "style", "noscript", "template"]):
-        tag.decompose()
-    title = soup.title.get_text(strip=True) if soup.title else None
-    if not title and (h1 := soup.find("h1")):
-        title = h1.get_text(strip=True)
-    body = soup.body or soup
-    lines = (line.strip() for line in body.get_text("\n").splitlines())
-    return "\n".join(line for line in lines if line), title or None
+# Parsers running at once in this process: each child may take up to its memory cap.
+_parser_slots = threading.BoundedSemaphore(2)
 
 
-def _pdf(name: str, data: bytes, max_chars: int, timeout: float) -> tuple[str, str | None]:
-    try:
-        run = subprocess.run(
-            [sys.executable, "-m", "api.pdftext", str(max_chars)],
-            input=data,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise UnreadableDocument(
-            f"{name}: PDF text extraction took longer than {timeout:g} s"
-        ) from None
+def _in_child(
+    kind: str, name: str, data: bytes, max_chars: int, timeout: float
+) -> tuple[str, str | None]:
+    """Text and title from `python -m api.extract`, in a child process capped in memory
+    and killed after `timeout`; two at most at a time, so many uploads at once cannot each
+    take the cap. A file waits its turn (each parse ends by its deadline) rather than
+    being refused."""
+    label = kind.upper()
+    with _parser_slots:
+        try:
+            run = subprocess.run(
+                [sys.executable, "-m", "api.extract", kind, str(max_chars)],
+                input=data,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise UnreadableDocument(
+                f"{name}: {label} text extraction took longer than {timeout:g} s"
+            ) from None
     try:
         result = json.loads(run.stdout)
     except ValueError:
-        raise UnreadableDocument(f"{name}: cannot read PDF (the parser died)") from None
+        raise UnreadableDocument(f"{name}: cannot read {label} (the parser died)") from None
     if "error" in result:
-        raise UnreadableDocument(f"{name}: cannot read PDF ({result['error']})")
+        raise UnreadableDocument(f"{name}: cannot read {label} ({result['error']})")
     return result["text"], result["title"]

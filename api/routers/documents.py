@@ -76,7 +76,7 @@ async def _from_upload(request: Request, services: Services) -> list[NewDocument
             upload.filename or "upload",
             data,
             limits.max_document_chars,
-            limits.pdf_timeout_seconds,
+            limits.extract_timeout_seconds,
         )
         documents.append(NewDocument(loaded.text, loaded.name, "upload", loaded.title))
     return documents

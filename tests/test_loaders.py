@@ -1,0 +1,98 @@
+"""Text and titles from uploaded files: the parsers themselves, and the limits around them."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from api import extract
+from api.loaders import UnreadableDocument, load_file
+
+
+@pytest.mark.parametrize(
+    ("text", "title"),
+    [
+        ("# Coffee Machine Care\n\nDescale monthly.", "Coffee Machine Care"),
+        ("Intro line\n## Section\n# The Real Title #\nbody", "The Real Title"),
+        ("#\tTabbed title", "Tabbed title"),
+        ("# C#\n", "C#"),  # a closing run of #s counts only after a blank
+        ("#hashtag, not a heading\n#   \n# ###\n# Later", "Later"),
+    ],
+)
+def test_markdown_titles(text, title):
+    assert load_file("notes.md", text.encode()).title == title
+
+
+def test_markdown_without_a_heading_is_titled_by_its_file_name():
+    assert load_file("dir/release-notes.md", b"## Only a subsection\ntext").title == "release-notes"
+
+
+@pytest.mark.timeout(20)  # the old pattern took hours on this line
+def test_a_heading_built_to_make_a_pattern_backtrack_is_read_at_once():
+    line = "# a" + " " * 100_000 + "bx"
+    assert load_file("x.md", line.encode()).title == "a bx"
+
+
+PAGE = """<!doctype html><html><head><title>Pager
+  Rotation</title><meta charset="utf-8"><style>p { color: red }</style>
+<script>var secret = 1;</script></head>
+<body><h1>Pager rotation</h1><p>The on-call engineer carries the <b>pager</b> for
+seven&nbsp;days &amp; nights.</p><noscript>enable js</noscript><template>hidden</template>
+<ul><li>Monday</li><li>Tuesday<br>evening</li></ul><pre>line one
+line two</pre></body></html>"""
+
+
+def test_html_text_keeps_inline_runs_and_drops_what_is_not_text():
+    page = extract.html(PAGE)
+    assert page["title"] == "Pager Rotation"
+    assert page["text"] == (
+        "Pager rotation\n"
+        "The on-call engineer carries the pager for seven days & nights.\n"
+        "Monday\nTuesday\nevening\nline one\nline two"
+    )
+
+
+def test_html_title_falls_back_to_the_first_h1_and_a_missing_head_end_is_tolerated():
+    page = extract.html("<html><head><meta x=1><body><h1>First <i>one</i></h1><h1>Second</h1>")
+    assert page == {"text": "First one\nSecond", "title": "First one"}
+
+
+def test_html_through_the_child_process():
+    loaded = load_file("pager.html", PAGE.encode(), timeout=30)
+    assert loaded.title == "Pager Rotation" and "secret" not in loaded.text
+
+
+def test_html_that_is_not_utf8_is_refused_before_any_child_starts():
+    with pytest.raises(UnreadableDocument, match="not valid UTF-8"):
+        load_file("latin.html", "<p>caf\xe9</p>".encode("latin-1"))
+
+
+def test_at_most_two_parsers_run_at_once(monkeypatch):
+    """Each child may take up to its memory cap: eight uploads at once must not mean
+    eight children. (The children are stood in for here: what is checked is the limit
+    around them; the tests above and test_bad_input run the real ones.)"""
+    running = peak = 0
+    lock = threading.Lock()
+
+    def child(*args, **kwargs):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.2)
+        with lock:
+            running -= 1
+        return subprocess.CompletedProcess(args, 0, b'{"text": "some text", "title": null}', b"")
+
+    monkeypatch.setattr(subprocess, "run", child)  # as api.loaders calls it
+    threads = [
+        threading.Thread(target=load_file, args=(f"f{i}.pdf", b"%PDF-1.4")) for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert peak == 2
