@@ -54,12 +54,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    telemetry.count(metrics.ERRORS, type="internal")
-    log.exception("unhandled error", path=request.url.path)
-    return JSONResponse({"detail": "internal error"}, status_code=500)
-
-
 _ERRORS: list[tuple[type[Exception], int, str]] = [
     (UnsupportedFileType, 415, "unsupported_file_type"),
     (UnreadableDocument, 422, "unreadable_document"),
@@ -135,7 +129,8 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for error, status, kind in _ERRORS:
         app.add_exception_handler(error, _error(status, kind))
-    app.add_exception_handler(Exception, _unexpected)
+    # Exceptions no handler here answers are answered by RequestTelemetry, inside the
+    # request's trace and with its id.
     # Added last runs first: telemetry wraps the body limit, so a 413 is counted and logged.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import telemetry
 from api.telemetry import logs, metrics
 
+log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNTRACKED = frozenset({"/metrics"})
 UNTRACED = frozenset({"/metrics", "/health", "/ready"})  # probes would drown real traces
@@ -60,8 +61,21 @@ class RequestTelemetry:
         self._durations: dict[tuple[str, str, int], metrics.Series] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNTRACKED:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["path"] in UNTRACKED:
+            started = False
+
+            async def watched(message: Message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await self.app(scope, receive, watched)
+            except Exception:
+                await _failed(send, started)
             return
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
@@ -95,10 +109,13 @@ class RequestTelemetry:
         notes_token = telemetry.request_notes.set(notes)
         structlog.contextvars.bind_contextvars(request_id=request_id)
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                started = True
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
@@ -116,6 +133,12 @@ class RequestTelemetry:
         start = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Answered here, not by Starlette's outermost handler: there the request id
+            # and the trace would already be gone from the line, the span and the response.
+            if span is not None:
+                span.record_exception(exc)
+            await _failed(send_with_id, started)
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
@@ -153,6 +176,28 @@ class RequestTelemetry:
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()
                 otel_context.detach(span_token)
+
+
+async def _failed(send: Send, started: bool) -> None:
+    """An exception no handler answered, inside an `except`: logged with its traceback,
+    counted, and answered with a 500 that says nothing of it. If the response has begun,
+    the exception goes on to the server, which cuts the connection."""
+    telemetry.count(metrics.ERRORS, type="internal")
+    log.exception("unhandled error")
+    if started:
+        raise  # noqa: PLE0704  # called from an except block: the exception it handles
+    body = b'{"detail":"internal error"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class _TooLarge(Exception):

@@ -3,6 +3,7 @@ keeps one write per request off the request path."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import select
@@ -17,9 +18,15 @@ import pytest
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from api.telemetry import flusher, logs
+from api.middleware import RequestTelemetry
+from api.telemetry import flusher, logs, traces
+from api.telemetry.spans import LeanTracerProvider
 from tests.servers import wait_until
 
 
@@ -185,3 +192,57 @@ def test_a_line_logged_while_writing_does_not_deadlock(monkeypatch: pytest.Monke
     threading.Thread(target=write, daemon=True).start()
     assert done.wait(5), "the writing thread deadlocked on its own lock"
     assert sorted(json.loads(x)["event"] for x in stream.data.splitlines()) == ["nested", "outer"]
+
+
+def _boom() -> None:
+    raise RuntimeError("a bug no handler knows")
+
+
+def test_an_unhandled_error_is_a_500_that_keeps_its_request_id(stderr: _Stderr, make_client):
+    """Answered inside the request: the response echoes the id, and the error's line
+    carries it (Starlette's outermost handler would answer after both were gone)."""
+    with make_client(log_format="json") as client:
+        client.app.add_api_route("/boom", _boom)
+        response = client.get("/boom", headers={"x-request-id": "req-boom"})
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal error"}  # nothing of the bug
+        assert response.headers["x-request-id"] == "req-boom"
+        flusher.flush()
+        metrics_text = client.get("/metrics").text
+    lines = [line for line in stderr.lines() if line.get("request_id") == "req-boom"]
+    error = next(line for line in lines if line["event"] == "unhandled error")
+    assert error["level"] == "error" and "a bug no handler knows" in error["exception"]
+    access = next(line for line in lines if line["event"] == "request")
+    assert access["status"] == 500 and access["route"] == "/boom"
+    assert 'rag_errors_total{type="internal"} 1.0' in metrics_text
+
+
+def test_an_unhandled_error_is_recorded_on_the_server_span(stderr: _Stderr, monkeypatch):
+    memory = InMemorySpanExporter()
+    provider = LeanTracerProvider(Resource({}), TracerProvider(shutdown_on_exit=False).sampler)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    monkeypatch.setattr(traces, "_tracer", provider.get_tracer("api"))
+    logs.configure_logging("info", "json")
+
+    async def app(scope, receive, send):  # an application with a bug in it
+        _boom()
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "method": "GET", "path": "/boom", "headers": [], "scheme": "http"}
+    asyncio.run(RequestTelemetry(app, tracing_on=True)(scope, receive, send))
+    assert sent[0]["status"] == 500
+    (span,) = memory.get_finished_spans()
+    assert span.status.status_code is trace.StatusCode.ERROR
+    (event,) = span.events
+    assert event.name == "exception"
+    assert dict(event.attributes or {})["exception.message"] == "a bug no handler knows"
+    error = next(line for line in stderr.lines() if line["event"] == "unhandled error")
+    assert error["trace_id"] == format(span.context.trace_id, "032x")
+    assert error["span_id"] == format(span.context.span_id, "016x")
