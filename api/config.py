@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     ingest_on_start: bool = True
     chroma_host: str | None = None
     chroma_port: int = Field(8000, ge=1, le=65535)
+    chroma_timeout_seconds: float = Field(10.0, gt=0, description="per call to a Chroma server")
     chroma_collection_prefix: str = Field("rag", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,40}$")
 
     # --- cache

@@ -13,13 +13,15 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
+import anyio
 import chromadb
+import httpx
 import numpy as np
 from chromadb.api import ClientAPI
 from chromadb.api.models.Collection import Collection
@@ -30,6 +32,9 @@ from api.embeddings import Vectors
 
 Metadata = dict[str, str | int | float | bool]
 USER_PREFIX = "meta_"
+# How long a readiness probe or a scrape waits for the store before answering without it.
+PROBE_SECONDS = 2.0
+T = TypeVar("T")
 
 
 class StoreUnavailable(RuntimeError):
@@ -93,6 +98,27 @@ class StoredDocument:
             metadata=user,
             text=text,
         )
+
+
+def _bound_calls(client: ClientAPI, seconds: float) -> None:
+    """chromadb's HTTP client waits forever (its httpx client has no timeout, and no
+    setting gives it one): a Chroma that stops answering would hold every thread that
+    calls it. Its session is private, so a chromadb that moves it fails here, loudly."""
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if not isinstance(session, httpx.Client):
+        raise RuntimeError("cannot bound chromadb's HTTP calls: its client has changed")
+    session.timeout = httpx.Timeout(seconds)
+
+
+async def probe(call: Callable[[], T]) -> T:
+    """`call` (a store call) in a thread, given up after PROBE_SECONDS: a probe or a scrape
+    answers without the store rather than waiting on it. The thread itself ends by
+    CHROMA_TIMEOUT_SECONDS."""
+    try:
+        with anyio.fail_after(PROBE_SECONDS):
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except TimeoutError:
+        raise StoreUnavailable(f"vector store: no answer within {PROBE_SECONDS:g} s") from None
 
 
 def _committed(docs: Collection, doc_id: str) -> bool:
@@ -162,6 +188,7 @@ class VectorStore:
                         self._client = chromadb.HttpClient(
                             host=s.chroma_host, port=s.chroma_port, settings=chroma_settings
                         )
+                        _bound_calls(self._client, s.chroma_timeout_seconds)
                 # We always pass vectors in: no embedding function, so Chroma never
                 # downloads its default model.
                 cosine: Any = {"hnsw": {"space": "cosine"}}

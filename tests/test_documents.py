@@ -12,6 +12,7 @@ from api.ingest import document_id
 from api.store import EmbeddedStoreBusy, EmbeddingModelMismatch, VectorStore
 from tests.conftest import ROOT, make_settings, services_of
 from tests.files import HTML, MARKDOWN, pdf_bytes
+from tests.servers import wait_until
 
 LONG = " ".join(
     f"Runbook step {i}: check the replica number {i} for stale locks." for i in range(120)
@@ -172,6 +173,30 @@ def test_a_store_built_with_another_model_is_refused(make_client, tmp_path, chro
         ),
     ):
         pass
+
+
+@pytest.mark.timeout(120)  # without bounds on Chroma's calls, this test hangs
+def test_a_chroma_that_stops_answering_is_a_503_and_not_a_hang(make_client, chroma_server):
+    server = {"chroma_host": "127.0.0.1", "chroma_port": chroma_server.port}
+    with make_client(chroma_collection_prefix="frozen", chroma_timeout_seconds=5, **server) as c:
+        ingest(c, {"text": "The freezer holds samples at minus eighty degrees."})
+        assert "rag_store_documents 1.0" in c.get("/metrics").text
+        chroma_server.pause()  # it keeps its socket, and answers nothing
+        try:
+            ready = c.get("/ready")
+            assert ready.status_code == 503
+            assert "no answer within" in ready.json()["dependencies"]["chroma"]["detail"]
+            # The replica's own metrics still come; only the store's gauges are missing.
+            scraped = c.get("/metrics")
+            assert scraped.status_code == 200 and "http_server_request_duration" in scraped.text
+            assert "rag_store_documents" not in scraped.text
+            answer = c.post("/query", json={"question": "How cold is the freezer?"})
+            assert answer.status_code == 503 and "timed out" in answer.json()["detail"]
+        finally:
+            chroma_server.resume()
+        wait_until(lambda: c.get("/ready").status_code == 200, 30, "ready again")
+        assert "rag_store_documents 1.0" in c.get("/metrics").text
+        assert c.post("/query", json={"question": "How cold is the freezer?"}).status_code == 200
 
 
 def test_gunicorn_refuses_several_workers_on_the_embedded_store(tmp_path):

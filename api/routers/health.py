@@ -6,7 +6,7 @@ from fastapi.concurrency import run_in_threadpool
 from api import __version__
 from api.deps import ServicesDep
 from api.schemas import DependencyState, Health, Readiness
-from api.store import EmbeddingModelMismatch, StoreUnavailable
+from api.store import EmbeddingModelMismatch, StoreUnavailable, probe
 
 router = APIRouter(tags=["health"])
 
@@ -30,7 +30,7 @@ async def ready(services: ServicesDep, response: Response) -> Readiness:
         "model": DependencyState(status="ok", detail=services.embedder.model_id),
     }
     try:
-        await run_in_threadpool(services.store.heartbeat)
+        await probe(services.store.heartbeat)
         deps["chroma"] = DependencyState(status="ok", detail=services.store.location)
     except (StoreUnavailable, EmbeddingModelMismatch) as exc:
         deps["chroma"] = DependencyState(status="down", detail=str(exc))
