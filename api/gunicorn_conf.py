@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from api import processes
 from api.config import get_settings
 from api.telemetry import traces
 from api.telemetry.logs import gunicorn_logconfig
@@ -58,6 +59,11 @@ def on_starting(server: Any) -> None:
     if traces.exporting():
         _relay = Relay()
         os.environ[SOCKET_ENV] = _relay.path
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """A worker goes when its master does, however the master died."""
+    processes.die_with(server.pid)
 
 
 def on_exit(server: Any) -> None:

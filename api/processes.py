@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import subprocess
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -14,3 +19,15 @@ def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def die_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when `parent` dies (Linux). A gunicorn
+    worker otherwise outlives a master killed with SIGKILL (the OOM killer, `kill -9`):
+    it goes on serving on the inherited socket, and the master its supervisor starts again
+    cannot bind the port. If `parent` is already gone, exit now."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died between the fork and the prctl
+        os._exit(1)

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from deployment.topology import HOST, Topology, render
+from deployment.topology import HOST, STOP_WAIT_SECONDS, Topology, render
 
 BINARIES = (
     "redis-server",
@@ -189,11 +189,16 @@ def up(topology: Topology, timeout: float = 300) -> None:
         raise
 
 
-def down(topology: Topology, timeout: float = 90) -> bool:
-    """Stop supervisord and, through it, every program it runs; True if one was running."""
+def down(topology: Topology, timeout: float | None = None) -> bool:
+    """Stop supervisord and, through it, every program it runs; True if one was running.
+    Programs stop one after another, each given STOP_WAIT_SECONDS: the default timeout
+    is what that adds up to for the programs the running configuration holds."""
     pid = _supervisord_pid(topology)
     if pid is None:
         return False
+    if timeout is None:
+        programs = _conf(topology).read_text().count("[program:")
+        timeout = STOP_WAIT_SECONDS * programs + 10
     os.kill(pid, signal.SIGTERM)  # supervisord stops its programs (process groups), then exits
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

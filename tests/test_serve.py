@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import CORPUS_DIR, MODEL_DIR
-from tests.servers import ROOT, ApiServer, ChromaServer, RedisServer
+from tests.servers import ROOT, ApiServer, ChromaServer, RedisServer, wait_until
 
 
 def serve(tmp_path: Path, name: str, **env: str) -> tuple[ApiServer, str]:
@@ -127,3 +129,51 @@ def test_cli_refuses_an_embedded_store_held_by_a_server(tmp_path):
         process.stop()
     assert run.returncode == 1
     assert "in use by pid" in run.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_go_when_their_master_is_killed(tmp_path):
+    """SIGKILL leaves gunicorn no time to stop its workers; left alone they would go on
+    serving on the port, and a master started again could not bind it."""
+    process, base = serve(tmp_path, "orphans")
+    workers: list[int] = []
+    try:
+        assert process.proc is not None
+        (master,) = [p for p in _children(process.proc.pid) if b"gunicorn" in _cmdline(p)]
+        workers = [p for p in _children(master) if b"gunicorn" in _cmdline(p)]
+        assert workers and httpx.get(f"{base}/health").status_code == 200
+        os.kill(master, signal.SIGKILL)
+        wait_until(lambda: not any(_alive(w) for w in workers), 60, "workers gone")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=5)
+    finally:
+        process.stop()
+        for worker in filter(_alive, workers):  # if this test failed, it leaves no orphan
+            os.kill(worker, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

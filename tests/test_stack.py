@@ -4,6 +4,7 @@ exporters, on free loopback ports under a temporary STACK_DIR."""
 
 from __future__ import annotations
 
+import configparser
 import itertools
 import json
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.config import get_settings
 from deployment import stack as native
-from deployment.topology import Topology, render_template
+from deployment.topology import Topology, nginx_values, render_template
 from tests.servers import route_count, wait_until
 
 QUESTION = {"question": "How do I restore a backup?"}
@@ -227,6 +229,36 @@ def test_rendered_configuration_passes_the_tools_own_checks(topology: Topology) 
 def test_a_second_stack_on_the_same_ports_is_refused(topology: Topology) -> None:
     with pytest.raises(native.StackError, match="already running"):
         native.up(topology)
+
+
+def test_the_edge_enforces_the_body_limit_the_replicas_are_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAX_REQUEST_BYTES", "52428800")
+    get_settings.cache_clear()  # the replicas will read this environment; so must nginx
+    try:
+        values = nginx_values(Topology(stack_dir=tmp_path), "off")
+    finally:
+        get_settings.cache_clear()
+    assert values["MAX_REQUEST_BYTES"] == "52428800"
+
+
+def _programs(topology: Topology) -> dict[str, dict[str, str]]:
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read(topology.stack_dir / "supervisord.conf")
+    return {s.split(":", 1)[1]: dict(conf[s]) for s in conf.sections() if s.startswith("program:")}
+
+
+def test_the_stack_stops_edge_first_and_stores_last(topology: Topology) -> None:
+    """supervisord stops by descending priority: clients stop coming before the replicas
+    drain, and the replicas drain before what they call goes away."""
+    programs = _programs(topology)
+    priority = {name: int(program["priority"]) for name, program in programs.items()}
+    replicas = [priority[name] for name in topology.replica_names()]
+    stores = [priority[name] for name in ("redis", "chroma", "llm")]
+    assert max(stores) < min(replicas) and max(replicas) < priority["nginx"]
+    assert priority["nginx"] < min(priority[n] for n in ("prometheus", "nginx-exporter"))
+    assert programs["nginx"]["stopsignal"] == "QUIT"  # finishes what it holds
 
 
 def test_templates_refuse_missing_values_and_ports_must_not_clash() -> None:
