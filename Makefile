@@ -18,6 +18,12 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMPS)/venv: pyproject.toml
+	@# A stock Debian has neither ensurepip (python3-venv) nor the C/C++ compiler that
+	@# llama-cpp-python builds with: installed here only when missing.
+	@if ! $(PYTHON) -m ensurepip --version >/dev/null 2>&1 || ! command -v g++ >/dev/null; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+			-y -qq --no-install-recommends python3-venv build-essential; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: otherwise a dependency asking for torch pulls CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
