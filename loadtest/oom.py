@@ -386,7 +386,6 @@ def find(
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     safe = [s for s in done if s is not breaking]
-    safe_peak = max((s.peak_group_bytes for s in safe), default=baseline)
     worker_peak = max((v for s in done for v in s.peak_worker_rss.values()), default=0)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -401,11 +400,25 @@ def find(
         "gunicorn_kill_lines": logged,
         "recovered": recovered,
         "peak_worker_rss_bytes": worker_peak,
-        # What the last stage that held needed, with 30% headroom, rounded up to 64 MiB.
-        "recommended_limit_bytes": math.ceil(safe_peak * 1.3 / (64 * MIB)) * 64 * MIB,
+        "recommended_limit_bytes": recommended_limit([s.peak_group_bytes for s in safe]),
         "stages": [asdict(s) for s in done],
         "samples": samples,
     }
+
+
+def recommended_limit(held: list[int]) -> int | None:
+    """What the stages that held needed at most, with 30% headroom, rounded up to 64 MiB;
+    None if none held: the idle figure alone would recommend a limit sized for no load."""
+    if not held:
+        return None
+    return math.ceil(max(held) * 1.3 / (64 * MIB)) * 64 * MIB
+
+
+def _recommendation(result: dict[str, Any]) -> str:
+    limit = result["recommended_limit_bytes"]
+    if limit is None:
+        return "none: no stage held under this limit; raise LIMIT and run again"
+    return f"{limit // MIB} MiB"
 
 
 def write(result: dict[str, Any], out: Path) -> Path:
@@ -445,7 +458,7 @@ def write(result: dict[str, Any], out: Path) -> Path:
 <p>Limit {result["limit_bytes"] // MIB} MiB, {result["workers"]} workers, idle
 {result["baseline_bytes"] // MIB} MiB. OOM kills: {result["oom_kills"]} (gunicorn logged
 {result["gunicorn_kill_lines"]}). Peak worker RSS {result["peak_worker_rss_bytes"] // MIB} MiB.
-Recommended limit: <b>{result["recommended_limit_bytes"] // MIB} MiB</b>.
+Recommended limit: <b>{_recommendation(result)}</b>.
 Recovered afterwards: {result["recovered"]}.</p>
 <table><tr><th>stage</th><th>clients</th><th>docs/upload</th><th>chars/doc</th>
 <th>question chars</th><th>max_sources</th><th>requests</th><th>5xx/errors</th>
@@ -496,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['outcome']} at stage "
         f"{(result['breaking_stage'] or {}).get('number', '-')}: oom kills {result['oom_kills']}, "
         f"peak worker RSS {result['peak_worker_rss_bytes'] // MIB} MiB, recommended limit "
-        f"{result['recommended_limit_bytes'] // MIB} MiB, recovered: {result['recovered']}\n"
+        f"{_recommendation(result)}, recovered: {result['recovered']}\n"
         f"report: {directory}"
     )
     return 0

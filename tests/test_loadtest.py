@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from deployment.topology import Topology
+from loadtest import oom
 from loadtest import report as reports
 from loadtest.hdr import Aggregate, encode, histogram
 from tests.servers import route_count, wait_until
@@ -293,3 +294,9 @@ def test_a_run_shows_up_live_in_the_stacks_prometheus(topology: Topology, tmp_pa
     assert json.loads((targets / "loadtest.json").read_text()) == []
     assert report["metrics_port"] > 0
     assert sent() <= report["total"]["requests"]
+
+
+def test_no_limit_is_recommended_when_no_stage_held():
+    mib = 1024 * 1024
+    assert oom.recommended_limit([]) is None  # not the idle figure, which knows no load
+    assert oom.recommended_limit([300 * mib, 400 * mib]) == 576 * mib  # 400 * 1.3, up to 64 MiB
