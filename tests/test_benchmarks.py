@@ -21,7 +21,6 @@ def test_the_overhead_benchmark_measures_every_server_and_the_relay():
 def test_the_stack_benchmark_measures_both_endpoints_through_nginx():
     result = stack.measure(rounds=1, seconds=1, connections=4)
     assert result["health_rps"] > 0 and result["query_rps"] > 0
-    assert result["ratio"] == result["query_rps"] / result["health_rps"]
 
 
 def test_the_components_benchmark_measures_every_setting():

@@ -172,15 +172,21 @@ def test_llm_killed_gives_503_with_a_clear_detail(make_client, own_llm):
         assert ready.json()["dependencies"]["llm"]["status"] == "down"
 
 
-def test_llm_killed_falls_back_to_extractive_when_configured(make_client, own_llm):
-    with make_client(**llm_settings(own_llm, llm_fallback="extractive")) as client:
+def test_llm_killed_falls_back_to_extractive_when_configured(make_client, own_llm, redis_server):
+    settings = llm_settings(own_llm, llm_fallback="extractive", redis_url=redis_server.url)
+    with make_client(**settings) as client:
         client.post("/documents", json={"documents": [FREEZE]})
+        # The cache works: the model's answer is served from it the second time.
+        other = QUESTION | {"question": "Who approves fixes during the freeze?"}
+        assert client.post("/query", json=other).json()["cached"] is False
+        assert client.post("/query", json=other).json()["cached"] is True
         own_llm.kill()
         body = client.post("/query", json=QUESTION).json()
-        assert body["generator"] == "extractive"
+        assert body["generator"] == "extractive" and body["cached"] is False
         assert "20th of December" in body["answer"] and "[1]" in body["answer"]
         # Fallback answers are not cached: once the LLM is back it answers again.
-        assert client.post("/query", json=QUESTION).json()["cached"] is False
+        again = client.post("/query", json=QUESTION).json()
+        assert again["generator"] == "extractive" and again["cached"] is False
         ready = client.get("/ready")
         assert ready.status_code == 200
         assert ready.json()["dependencies"]["llm"]["status"] == "degraded"

@@ -239,8 +239,9 @@ def test_links_survive():
 
 
 def test_a_stopping_server_still_delivers_its_last_spans(tmp_path: Path) -> None:
-    """The batch processor holds spans for 5 s; a replica stopped sooner must flush them
-    through the relay, and the relay must send them on before it goes."""
+    """The batch processor holds spans for a while (here: ten minutes, so only the flush at
+    shutdown can deliver them); a replica stopped sooner must flush them through the
+    relay, and the relay must send them on before it goes."""
     receiver = OtlpReceiver()
     receiver.start()
     server = ApiServer(
@@ -251,6 +252,7 @@ def test_a_stopping_server_still_delivers_its_last_spans(tmp_path: Path) -> None
         OTEL_TRACES_SAMPLER="always_on",
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_SERVICE_NAME="rag-api-flush",
+        OTEL_BSP_SCHEDULE_DELAY="600000",
     )
     try:
         server.start()
@@ -258,7 +260,7 @@ def test_a_stopping_server_still_delivers_its_last_spans(tmp_path: Path) -> None
             f"{server.base}/query", json={"question": "How do I restore a backup?"}, timeout=60
         )
         assert response.status_code == 200
-        server.stop()  # SIGTERM, well inside the processor's 5 s delay
+        server.stop()  # SIGTERM, well inside the processor's delay
         assert any(
             s.name == "POST /query" and s.service == "rag-api-flush" for s in receiver.spans
         ), [s.name for s in receiver.spans]

@@ -90,24 +90,24 @@ def test_a_replica_killed_mid_load_costs_no_request_and_comes_back(topology: Top
 
     killer = threading.Thread(target=kill)
     killer.start()
-    statuses = _load(topology.url, 20, 4, QUESTION)
-    killer.join()
-    assert len(statuses) > 100
-    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
-    # supervisord started a new master, which serves again.
-    wait_until(
-        lambda: (
-            int(native.supervisorctl(topology, "pid", "api-1").strip() or 0)
-            not in (
-                0,
-                *victims,
-            )
-        ),
-        60,
-        "api-1 restarted",
-    )
-    url = f"http://127.0.0.1:{topology.replica_port(1)}/ready"
-    wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, 120, "api-1 ready again")
+    try:
+        statuses = _load(topology.url, 20, 4, QUESTION)
+        killer.join()
+        assert len(statuses) > 100
+        assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    finally:
+        # supervisord starts a new master, which serves again; waited for even when the
+        # assertions failed, so the tests after this one find the stack whole.
+        killer.join()
+        wait_until(lambda: _pid(topology, "api-1") not in (0, *victims), 60, "api-1 restarted")
+        url = f"http://127.0.0.1:{topology.replica_port(1)}/ready"
+        wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, 120, "api-1 ready again")
+
+
+def _pid(topology: Topology, program: str) -> int:
+    """The program's pid, 0 while it has none (or supervisorctl says something else)."""
+    answer = native.supervisorctl(topology, "pid", program).strip()
+    return int(answer) if answer.isdigit() else 0
 
 
 def test_sse_through_nginx_arrives_token_by_token(topology: Topology) -> None:
