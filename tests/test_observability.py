@@ -61,6 +61,39 @@ class Stack:
     def log_lines(self) -> list[str]:
         return [line for line in self.process.output().splitlines() if line.strip()]
 
+    def served_by(self) -> dict[str, int]:
+        """Request id -> the pid of the worker that wrote its access line."""
+        found = {}
+        for line in self.log_lines():
+            if line.startswith("{") and '"api.access"' in line:
+                record = json.loads(line)
+                found[record["request_id"]] = record["pid"]
+        return found
+
+    def ask_until_every_worker_answered(self, questions: list[str], most: int = 400) -> int:
+        """POST /query, cycling through `questions`, until each worker has answered at
+        least one (a new connection per request does not make gunicorn spread them: an
+        idle worker may take them all). Returns how many were sent."""
+        workers, sent, mine = self.workers(), 0, set()
+        while sent < most:
+            for _ in range(10):
+                request_id = f"spread-{secrets.token_hex(8)}"
+                body = {"question": questions[sent % len(questions)]}
+                response = httpx.post(
+                    f"{self.base}/query",
+                    json=body,
+                    headers={"x-request-id": request_id},
+                    timeout=60,
+                )
+                assert response.status_code == 200
+                mine.add(request_id)
+                sent += 1
+            wait_until(lambda: mine <= self.served_by().keys(), 10, "the access lines")
+            served = self.served_by()
+            if {served[r] for r in mine} == workers:
+                return sent
+        raise AssertionError(f"{most} requests, and not every worker of {workers} answered one")
+
 
 def _children(pid: int) -> list[int]:
     found = []
@@ -139,10 +172,9 @@ def test_counters_add_up_exactly_across_workers(stack: Stack) -> None:
     count = "http_server_request_duration_seconds_count"
     time.sleep(3 * flusher.TICK)  # earlier requests' increments are in the files
     before = stack.metrics()["http_server_request_duration_seconds"]
-    n = 40
-    for i in range(n):  # a new connection each time, so both workers take requests
-        body = {"question": "What happens when Redis is down?" if i % 2 else "Who is on call?"}
-        assert httpx.post(f"{stack.base}/query", json=body, timeout=60).status_code == 200
+    n = stack.ask_until_every_worker_answered(
+        ["Who is on call?", "What happens when Redis is down?"]
+    )
 
     def counted() -> float:
         after = stack.metrics()["http_server_request_duration_seconds"]
@@ -327,14 +359,21 @@ def test_timestamps_match_structlogs_own(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_exemplars_link_to_exported_traces_whichever_worker_answers(stack: Stack) -> None:
-    for i in range(10):
-        httpx.post(f"{stack.base}/query", json={"question": f"exemplar question {i}?"}, timeout=60)
-    time.sleep(1.5)  # workers flush their exemplars every second
+    questions = [f"exemplar question {i}?" for i in range(400)]  # each new: no cached answer
+    stack.ask_until_every_worker_answered(questions)
 
     def exemplars() -> set[str]:
         samples = stack.metrics(openmetrics=True)["http_server_request_duration_seconds"]
         return {s.exemplar.labels["trace_id"] for s in samples if s.exemplar is not None}
 
+    # Workers write their exemplars once a second: wait until two scrapes a second apart
+    # agree.
+    def settled() -> bool:
+        first = exemplars()
+        time.sleep(1)
+        return bool(first) and exemplars() == first
+
+    wait_until(settled, 20, "the exemplars written")
     seen = [exemplars() for _ in range(6)]  # each scrape on a new connection: either worker
     assert seen[0] and all(s == seen[0] for s in seen)
     stack.otlp.wait_for(lambda: all(stack.otlp.trace(t) for t in seen[0]))

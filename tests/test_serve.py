@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -61,17 +63,35 @@ def test_two_workers_share_a_chroma_server_and_redis(tmp_path, chroma_server: Ch
         CHROMA_PORT=str(chroma_server.port),
         REDIS_URL=redis_server.url,
         INGEST_ON_START="false",
+        LOG_FORMAT="json",
     )
     corpus = sorted(CORPUS_DIR.glob("*.md"))
     try:
         upload = [("files", (p.name, p.read_bytes(), "text/markdown")) for p in corpus]
         assert httpx.post(f"{base}/documents", files=upload, timeout=120).status_code == 200
         assert httpx.get(f"{base}/documents").json()["total"] == len(corpus)
-        # A connection per request, so both workers take a share.
-        answers = [
-            httpx.post(f"{base}/query", json={"question": "What does least_conn do?"}, timeout=30)
-            for _ in range(6)
-        ]
+        # Asked until both workers have answered (gunicorn does not spread requests
+        # evenly): the model's answer is made once, in whichever worker came first, and
+        # served to both from the shared cache.
+        answers: list[httpx.Response] = []
+        pids: set[int] = set()
+        while len(pids) < 2 and len(answers) < 200:
+            request_id = f"share-{len(answers)}"
+            answers.append(
+                httpx.post(
+                    f"{base}/query",
+                    json={"question": "What does least_conn do?"},
+                    headers={"x-request-id": request_id},
+                    timeout=30,
+                )
+            )
+            wait_until(partial(_logged, process, request_id), 10, "the access line")
+            pids = {
+                line["pid"]
+                for line in map(json.loads, _json_lines(process.output()))
+                if line.get("logger") == "api.access" and line["request_id"].startswith("share-")
+            }
+        assert len(pids) == 2, "one worker answered every request"
         assert all(a.status_code == 200 for a in answers)
         assert [a.json()["cached"] for a in answers].count(False) == 1
         assert len({a.json()["answer"] for a in answers}) == 1
@@ -79,6 +99,14 @@ def test_two_workers_share_a_chroma_server_and_redis(tmp_path, chroma_server: Ch
         process.stop()
         redis_server.stop()
     assert process.output().count("Booting worker") == 2
+
+
+def _logged(process: ApiServer, request_id: str) -> bool:
+    return f'"request_id":"{request_id}"' in process.output()
+
+
+def _json_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("{")]
 
 
 def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -38,6 +38,24 @@ def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def add_pid(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Which process wrote the line: under gunicorn, which worker served the request."""
+    event["pid"] = _pid
+    return event
+
+
 _second: tuple[int, str] = (-1, "")  # the last whole second seen, and its ISO text
 
 
@@ -60,6 +78,7 @@ def _shared() -> list[structlog.types.Processor]:
         structlog.contextvars.merge_contextvars,  # request_id, bound by the middleware
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
+        add_pid,
         add_trace_context,
         add_timestamp,
     ]
@@ -218,6 +237,7 @@ def access(fields: dict[str, Any], request_id: str, context: SpanContext | None)
     fields["request_id"] = request_id
     fields["level"] = "info"
     fields["logger"] = "api.access"
+    fields["pid"] = _pid
     if context is not None and context.is_valid:
         fields["trace_id"] = format(context.trace_id, "032x")
         fields["span_id"] = format(context.span_id, "016x")
