@@ -7,6 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from api.config import get_settings
 
 
@@ -84,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export-model", help="export the embedding model to ONNX")
     export.add_argument("--force", action="store_true", help="export even if up to date")
     args = parser.parse_args(argv)
+    try:
+        get_settings()
+    except ValidationError as exc:  # a setting from the environment or .env
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            print(f"error: {name}: {error['msg']}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         return _serve()
     if args.command == "ingest":

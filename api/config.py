@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The tokenizer adds [CLS] and [SEP] to every input; the model sees at most 256 tokens.
@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     web_concurrency: int = Field(1, ge=1, description="gunicorn worker processes")
     timeout_seconds: int = Field(120, ge=1, description="gunicorn worker timeout")
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "console"] = "json"
     access_log: bool = True
     metrics_enabled: bool = True
@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         description="per PDF or HTML text extraction",
     )
     max_documents_per_request: int = Field(100, ge=1)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -112,8 +112,7 @@ class Ingestor:
         results: list[IngestResult] = []
         for position, new in enumerate(documents):
             text = clean_text(new.text)
-            if not text:
-                telemetry.count(metrics.INGESTED, result="rejected")
+            if not text:  # counted as rejected by whoever answers for it
                 raise EmptyDocument(f"document {position} ({new.source}) has no text")
             doc_id = document_id(text)
             if doc_id in prepared:
@@ -206,6 +205,7 @@ class Ingestor:
             try:
                 result = self.ingest_file(path, source, DIRECTORY_ORIGIN)
             except (UnreadableDocument, EmptyDocument, OSError) as exc:
+                telemetry.count(metrics.INGESTED, result="rejected")
                 errors[source] = str(exc)
                 if source in known:
                     keep.add(known[source])

@@ -25,6 +25,10 @@ class OpenAIGenerator:
     def __init__(self, settings: Settings, count_tokens: TokenCounter) -> None:
         self.id = f"openai:{settings.llm_model}:{settings.llm_max_tokens}"
         self._base_url = (settings.llm_base_url or "").rstrip("/")
+        # What messages (503 details, /ready) name: the URL without any user:password in it.
+        self._shown = (
+            str(httpx.URL(self._base_url).copy_with(userinfo=b"")) if self._base_url else ""
+        )
         self._model = settings.llm_model
         self._max_tokens = settings.llm_max_tokens
         self._context = settings.llm_context_tokens
@@ -54,9 +58,9 @@ class OpenAIGenerator:
         try:
             response = await self._client.get("/models", timeout=2.0)
         except httpx.HTTPError as exc:
-            return f"{self._base_url} unreachable: {exc!r}"
+            return f"{self._shown} unreachable: {exc!r}"
         if response.status_code >= 400:
-            return f"{self._base_url}/models answered {response.status_code}"
+            return f"{self._shown}/models answered {response.status_code}"
         return None
 
     async def start(self, question: str, sources: Sequence[Hit], temperature: float) -> Completion:
@@ -75,13 +79,13 @@ class OpenAIGenerator:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise GeneratorUnavailable(f"LLM server {self._base_url} failed: {exc!r}") from exc
+            raise GeneratorUnavailable(f"LLM server {self._shown} failed: {exc!r}") from exc
         if response.status_code >= 400:
+            # What the server said goes to the log, not to the client: it may name internals.
             detail = (await response.aread())[:300].decode(errors="replace")
             await response.aclose()
-            raise GeneratorUnavailable(
-                f"LLM server {self._base_url} answered {response.status_code}: {detail}"
-            )
+            log.warning("llm server refused", status=response.status_code, detail=detail)
+            raise GeneratorUnavailable(f"LLM server {self._shown} answered {response.status_code}")
         usage = Usage(prompt_tokens=prompt.tokens)
         return Completion(
             self._deltas(response, usage), prompt.sources, self.name, usage, response.aclose
@@ -95,16 +99,20 @@ class OpenAIGenerator:
                     break
                 chunk: dict[str, Any] = json.loads(event.data)
                 if reported := chunk.get("usage"):
-                    usage.prompt_tokens = reported.get("prompt_tokens", usage.prompt_tokens)
-                    usage.completion_tokens = reported.get("completion_tokens", produced)
+                    usage.prompt_tokens = int(reported.get("prompt_tokens", usage.prompt_tokens))
+                    usage.completion_tokens = int(reported.get("completion_tokens", produced))
                 for choice in chunk.get("choices") or []:
                     if text := (choice.get("delta") or {}).get("content"):
+                        if not isinstance(text, str):
+                            raise TypeError(f"content is {type(text).__name__}, not text")
                         produced += 1
                         usage.completion_tokens = max(usage.completion_tokens, produced)
                         yield text
         except httpx.HTTPError as exc:
-            raise GeneratorUnavailable(f"LLM stream from {self._base_url} broke: {exc!r}") from exc
-        except json.JSONDecodeError as exc:
+            raise GeneratorUnavailable(f"LLM stream from {self._shown} broke: {exc!r}") from exc
+        # Valid JSON in the wrong shape (a list, a string, a number where an object or text
+        # belongs) is as malformed as invalid JSON: the server is at fault, not this one.
+        except (ValueError, TypeError, AttributeError) as exc:
             raise GeneratorUnavailable(f"LLM server sent a malformed event: {exc}") from exc
         finally:
             await response.aclose()

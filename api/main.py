@@ -32,8 +32,12 @@ log = structlog.get_logger(__name__)
 
 
 def _error(status: int, kind: str):  # type: ignore[no-untyped-def]
+    rejects_a_document = kind in _REJECTED_DOCUMENTS
+
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         telemetry.count(metrics.ERRORS, type=kind)
+        if rejects_a_document:
+            telemetry.count(metrics.INGESTED, result="rejected")
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
     return handler
@@ -54,6 +58,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
+_REJECTED_DOCUMENTS = {"unsupported_file_type", "unreadable_document", "empty_document"}
 _ERRORS: list[tuple[type[Exception], int, str]] = [
     (UnsupportedFileType, 415, "unsupported_file_type"),
     (UnreadableDocument, 422, "unreadable_document"),

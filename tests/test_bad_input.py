@@ -7,6 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from api.telemetry import flusher
 from tests.conftest import services_of
 from tests.files import MARKDOWN, pdf_bytes, slow_pdf
 
@@ -256,3 +257,22 @@ def test_a_chunked_body_over_the_limit_is_413(seeded, path):
     )
     expect(seeded, response, 413, "larger than")
     assert snapshot(seeded) == before
+
+
+def _rejected(client: TestClient) -> float:
+    flusher.flush()  # increments reach the exposition on the flusher's tick
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('rag_ingest_documents_total{result="rejected"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_every_refused_document_is_counted_as_rejected(seeded):
+    before = _rejected(seeded)
+    refused = [
+        seeded.post("/documents", files=[("files", ("a.exe", b"MZ", "application/octet-stream"))]),
+        seeded.post("/documents", files=[("files", ("b.txt", b"\xff\xfe\x00", "text/plain"))]),
+        seeded.post("/documents", json={"documents": [{"text": " \n\t "}]}),
+    ]
+    assert [r.status_code for r in refused] == [415, 422, 422]
+    assert _rejected(seeded) - before == 3

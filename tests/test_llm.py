@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -203,3 +206,78 @@ def test_unreachable_llm_at_start_up_still_starts_and_ready_says_why(make_client
         client.post("/documents", json={"documents": [FREEZE]})
         response = client.post("/query", json=QUESTION)
         assert response.status_code == 503 and url in response.json()["detail"]
+
+
+class _Misbehaving(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server at fault, for what llama.cpp cannot be made to do: an
+    error answer with internals in its body, or events of the wrong shape. It records the
+    Authorization header each request carried."""
+
+    mode = "error"
+    seen_auth: ClassVar[list[str | None]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        type(self).seen_auth.append(self.headers.get("authorization"))
+        if self.mode == "error":
+            body = b'{"error": "db password is hunter2, see /srv/internal"}'
+            self.send_response(500)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(b'data: {"choices": [{"delta": {"content": "Fine"}}]}\n\n')
+        self.wfile.write(b"data: [1, 2, 3]\n\n")  # JSON, but not an object
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def misbehaving():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Misbehaving.seen_auth = []
+    yield server
+    server.shutdown()
+
+
+def _faulty_llm(misbehaving, userinfo: str = "", **more):
+    port = misbehaving.server_address[1]
+    return {"generator": "openai", "llm_base_url": f"http://{userinfo}127.0.0.1:{port}/v1", **more}
+
+
+def test_an_llm_error_is_a_503_that_leaks_neither_its_body_nor_credentials(
+    make_client, misbehaving, capsys
+):
+    _Misbehaving.mode = "error"
+    with make_client(**_faulty_llm(misbehaving, "svc:s3cret@")) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        response = client.post("/query", json=QUESTION)
+    assert response.status_code == 503
+    detail = response.json()["detail"]
+    assert "answered 500" in detail and "127.0.0.1" in detail
+    assert "hunter2" not in detail and "s3cret" not in detail
+    assert "hunter2" in capsys.readouterr().err  # the operator still sees it, in the log
+    assert _Misbehaving.seen_auth == ["Basic c3ZjOnMzY3JldA=="]  # the URL's svc:s3cret, sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_events_of_the_wrong_shape_are_the_llms_fault_not_a_500(make_client, misbehaving, stream):
+    _Misbehaving.mode = "shape"
+    with make_client(**_faulty_llm(misbehaving, llm_api_key="key-123")) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        response = client.post("/query", json=QUESTION | {"stream": stream})
+    assert _Misbehaving.seen_auth == ["Bearer key-123"]  # LLM_API_KEY, as a bearer token
+    if not stream:
+        assert response.status_code == 503
+        assert "malformed event" in response.json()["detail"]
+        return
+    assert response.status_code == 200  # the stream had begun: it ends with an error event
+    events = parse_sse(response.text)
+    assert [name for name, _ in events][-1] == "error"
+    assert "malformed event" in events[-1][1]["detail"]

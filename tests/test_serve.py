@@ -109,7 +109,7 @@ def _json_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("{")]
 
 
-def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "api", *args],
         check=False,
@@ -117,8 +117,21 @@ def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(data_dir), "MODEL_DIR": str(MODEL_DIR)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATA_DIR": str(data_dir),
+            "MODEL_DIR": str(MODEL_DIR),
+            **env,
+        },
     )
+
+
+def test_a_bad_setting_is_named_and_nothing_starts(tmp_path):
+    run = run_cli("serve", data_dir=tmp_path, LOG_LEVEL="verbose", CHUNK_TOKENS="3")
+    assert run.returncode == 2
+    assert "LOG_LEVEL: Input should be 'debug'" in run.stderr
+    assert "CHUNK_TOKENS: Input should be greater than or equal to 16" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "chroma").exists()
 
 
 def test_cli_ingests_a_folder_idempotently(tmp_path):
