@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,24 +127,46 @@ def _committed(docs: Collection, doc_id: str) -> bool:
     return bool(docs.get(ids=[doc_id], include=[])["ids"])
 
 
-def _lock_data_dir(data_dir: Path) -> int:
+def _lock_data_dir(data_dir: Path, sibling_wait: float = 60.0) -> int:
     """Chroma's embedded store is not safe across processes (chroma-core/chroma#961, #3792):
-    take an exclusive lock so a second process fails loudly instead of corrupting it."""
+    take an exclusive lock so a second process fails loudly instead of corrupting it.
+
+    One holder is waited for: a sibling (a process with the same parent), for up to
+    `sibling_wait` seconds. That is the worker gunicorn is replacing (HUP, a reload): the
+    new one starts before the old one has finished its requests, and failing at once would
+    make gunicorn halt the whole server."""
     data_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(data_dir / "chroma.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise EmbeddedStoreBusy(
-            f"the embedded Chroma store in {data_dir} is in use by pid {holder}. The embedded "
-            "store serves one process only: stop that process, use its HTTP API, or run a "
-            "Chroma server and set CHROMA_HOST (required for more than one worker)."
-        ) from None
+    deadline = time.monotonic() + sibling_wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if _is_sibling(holder) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            os.close(fd)
+            raise EmbeddedStoreBusy(
+                f"the embedded Chroma store in {data_dir} is in use by pid "
+                f"{holder or 'of another process'}. The embedded store serves one process "
+                "only: stop that process, use its HTTP API, or run a Chroma server and set "
+                "CHROMA_HOST (required for more than one worker)."
+            ) from None
     os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _is_sibling(pid: str) -> bool:
+    """Another process with this one's parent."""
+    try:
+        other = int(pid)
+        stat = Path(f"/proc/{other}/stat").read_text()
+    except (ValueError, OSError):
+        return False
+    return other != os.getpid() and int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid()
 
 
 class VectorStore:

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -218,3 +220,43 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_reload_on_the_embedded_store_waits_for_the_old_worker(tmp_path):
+    """HUP starts the new worker before the old one has finished its requests; the new
+    one waits for the store's lock instead of failing, which would halt gunicorn."""
+    process, base = serve(tmp_path, "reload", INGEST_ON_START="false")
+    try:
+        assert process.proc is not None
+        (master,) = [p for p in _children(process.proc.pid) if b"gunicorn" in _cmdline(p)]
+        (old,) = [p for p in _children(master) if b"gunicorn" in _cmdline(p)]
+        # Hundreds of chunks to embed: the old worker is busy for seconds.
+        text = " ".join(f"Line {i} of the long runbook about replica {i % 7}." for i in range(4000))
+        result: list[httpx.Response] = []
+        upload = threading.Thread(
+            target=lambda: result.append(
+                httpx.post(
+                    f"{base}/documents",
+                    json={"documents": [{"text": text, "source": "long.txt"}]},
+                    timeout=300,
+                )
+            )
+        )
+        upload.start()
+        wait_until(lambda: "Booting worker" in process.output(), 5, "booted")  # it was
+        time.sleep(1)  # the upload is being embedded
+        assert upload.is_alive()  # the old worker is busy with it as the reload begins
+        os.kill(master, signal.SIGHUP)
+        upload.join(timeout=300)
+        assert result and result[0].status_code == 200, result
+        wait_until(
+            lambda: [p for p in _children(master) if b"gunicorn" in _cmdline(p)] not in ([], [old]),
+            120,
+            "the new worker",
+        )
+        wait_until(lambda: httpx.get(f"{base}/ready").status_code == 200, 120, "ready")
+        listed = httpx.get(f"{base}/documents", timeout=30).json()
+        assert [d["source"] for d in listed["documents"]] == ["long.txt"]
+        assert not _alive(old) and process.alive()
+    finally:
+        process.stop()
