@@ -175,7 +175,7 @@ class QueryService:
             found = await self._cache.lookup_answer(digest)
             if found is not None:
                 generation, record = found
-                key = answer_key(generation, digest)
+                key = answer_key(self._cache.namespace, generation, digest)
                 # A JSON answer serves the record's bytes; a stream needs it parsed.
                 hit, parsed = _whole(record), None
                 if hit and parse:

@@ -30,9 +30,16 @@ from api.redis_script import ScriptCaller
 
 log = structlog.get_logger(__name__)
 
-GENERATION_KEY = "rag:corpus:generation"
-ANSWER_PREFIX = "rag:answer:"
-_GENERATION, _PREFIX = GENERATION_KEY.encode(), ANSWER_PREFIX.encode()
+
+def generation_key(namespace: str) -> str:
+    """Where a corpus's generation lives. The namespace is the corpus's name
+    (CHROMA_COLLECTION_PREFIX): deployments sharing a Redis but not a corpus must not
+    serve each other's answers, nor have each other's writes invalidate them."""
+    return f"{namespace}:corpus:generation"
+
+
+def answer_prefix(namespace: str) -> str:
+    return f"{namespace}:answer:"
 
 
 def normalize_question(question: str) -> str:
@@ -46,8 +53,8 @@ def answer_digest(question: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def answer_key(generation: str, digest: str) -> str:
-    return f"{ANSWER_PREFIX}{generation}:{digest}"
+def answer_key(namespace: str, generation: str, digest: str) -> str:
+    return f"{answer_prefix(namespace)}{generation}:{digest}"
 
 
 # One round trip for the cached path: read (or create) the generation and the answer
@@ -68,14 +75,24 @@ def _new_token() -> str:
 
 
 def embedding_key(model_id: str, question: str) -> str:
+    """Shared by every corpus: a question's vector depends on the model alone."""
     digest = hashlib.sha256(normalize_question(question).encode()).hexdigest()
     return f"rag:embedding:{model_id}:{digest}"
 
 
 class Cache:
     def __init__(
-        self, url: str, ttl_seconds: int, timeout_seconds: float, retry_seconds: float
+        self,
+        url: str,
+        namespace: str,
+        ttl_seconds: int,
+        timeout_seconds: float,
+        retry_seconds: float,
     ) -> None:
+        self.namespace = namespace
+        self._generation_key = generation_key(namespace)
+        self._lookup_keys = [self._generation_key.encode()]
+        self._answer_prefix = answer_prefix(namespace).encode()
         self._redis = redis.Redis.from_url(
             url,
             socket_timeout=timeout_seconds,
@@ -142,7 +159,8 @@ class Cache:
             with self._span("EVALSHA"):
                 async with asyncio.timeout(self._timeout):
                     found = await self._lookup(
-                        [_GENERATION], [digest.encode(), _new_token().encode(), _PREFIX]
+                        self._lookup_keys,
+                        [digest.encode(), _new_token().encode(), self._answer_prefix],
                     )
         except (redis.RedisError, TimeoutError) as exc:
             self._went_down(exc)
@@ -180,7 +198,7 @@ class Cache:
 
     def _new_generation(self) -> None:
         """Every answer cached so far becomes unreachable (the TTL reclaims them)."""
-        self._redis.set(GENERATION_KEY, _new_token())
+        self._redis.set(self._generation_key, _new_token())
 
     # --- failure handling
     def _span(self, operation: str) -> AbstractContextManager[Span]:

@@ -39,6 +39,7 @@ class Services:
         cache = (
             Cache(
                 settings.redis_url,
+                settings.chroma_collection_prefix,
                 settings.cache_ttl_seconds,
                 settings.redis_timeout_seconds,
                 settings.redis_retry_seconds,

@@ -90,7 +90,8 @@ def test_a_damaged_cached_answer_is_a_miss_not_an_answer(served, redis_server, d
     served.post("/documents", json={"documents": [FREEZE]})
     first = ask(served)
     client = redis.Redis.from_url(redis_server.url)
-    (key,) = client.keys("rag:answer:*")
+    namespace = services_of(served).cache.namespace  # the corpus: CHROMA_COLLECTION_PREFIX
+    (key,) = client.keys(f"{namespace}:answer:*")
     client.set(key, damaged)
     again = ask(served)
     assert again["cached"] is False and again["answer"] == first["answer"]
@@ -245,3 +246,27 @@ def test_a_write_redis_never_heard_of_is_announced_when_the_worker_stops(
         answer = ask(w2)
         assert answer["cached"] is False
         assert {s["document"] for s in answer["sources"]} == {"freeze.txt", "pager.txt"}
+
+
+def test_two_corpora_sharing_a_redis_keep_their_answers_apart(
+    make_client, chroma_server, redis_server
+):
+    def corpus(prefix: str):
+        return make_client(
+            chroma_host="127.0.0.1",
+            chroma_port=chroma_server.port,
+            redis_url=redis_server.url,
+            chroma_collection_prefix=f"{prefix}{uuid.uuid4().hex[:8]}",
+        )
+
+    with corpus("prod") as prod, corpus("staging") as staging:
+        prod.post("/documents", json={"documents": [FREEZE]})
+        staging.post("/documents", json={"documents": [PAGER]})
+        assert ask(prod)["sources"][0]["document"] == "freeze.txt"
+        # The same question, the same parameters: the other corpus's answer is not served.
+        answer = ask(staging)
+        assert answer["cached"] is False and answer["sources"][0]["document"] == "pager.txt"
+        assert ask(prod)["cached"] is True
+        # And a write to one corpus leaves the other's cached answers alone.
+        staging.post("/documents", json={"documents": [{"text": "Staging resets nightly."}]})
+        assert ask(prod)["cached"] is True

@@ -12,7 +12,7 @@ def test_normalization_ignores_case_spacing_and_unicode_form():
 
 def test_answer_key_changes_with_generation_question_and_every_parameter():
     def key(generation, question, params):
-        return answer_key(generation, answer_digest(question, params))
+        return answer_key("rag", generation, answer_digest(question, params))
 
     base = key("gen1", "What is X?", PARAMS)
     assert key("gen1", "  what is x?", dict(PARAMS)) == base
@@ -26,6 +26,7 @@ def test_answer_key_changes_with_generation_question_and_every_parameter():
     ]:
         assert key("gen1", "What is X?", {**PARAMS, name: value}) != base
     assert base.startswith("rag:answer:gen1:")
+    assert answer_key("staging", "gen1", "d") == "staging:answer:gen1:d"  # another corpus
 
 
 def test_embedding_key_depends_on_model_and_normalized_text_only():
