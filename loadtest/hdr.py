@@ -39,15 +39,20 @@ PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9}
 
 
 def summarize(hist: HdrHistogram, requests: int, failures: int, seconds: float) -> dict[str, Any]:
-    """A histogram's figures as the report gives them: counts, rate, percentiles in ms."""
+    """A histogram's figures as the report gives them: counts, rate, percentiles in ms of
+    the successful requests (None when none succeeded: a dead target's instant refusals
+    must not read as good latency)."""
     figures: dict[str, Any] = {
         "requests": requests,
         "failures": failures,
         "rps": round(requests / seconds, 3) if seconds > 0 else 0.0,
     }
+    measured = hist.get_total_count() > 0
     for key, percentile in PERCENTILES.items():
-        figures[key] = round(hist.get_value_at_percentile(percentile) / 1000, 3)
-    figures["max"] = round(hist.get_max_value() / 1000, 3)
+        figures[key] = (
+            round(hist.get_value_at_percentile(percentile) / 1000, 3) if measured else None
+        )
+    figures["max"] = round(hist.get_max_value() / 1000, 3) if measured else None
     figures["samples"] = hist.get_total_count()
     return figures
 
@@ -67,13 +72,16 @@ class Recorder:
         self.kinds: dict[str, str] = {}
 
     def record(self, name: str, request_type: str, milliseconds: float, failed: bool) -> None:
+        """A failure is counted, its time is not: a refused connection or a 502 in 1 ms
+        would pull the percentiles down exactly when the target is failing."""
         hist = self._pending.get(name)
         if hist is None:
             hist = self._pending[name] = histogram()
             self.kinds[name] = request_type
-        hist.record_value(min(HIGHEST_US, max(LOWEST_US, round(milliseconds * 1000))))
         if failed:
             self._failures[name] = self._failures.get(name, 0) + 1
+            return
+        hist.record_value(min(HIGHEST_US, max(LOWEST_US, round(milliseconds * 1000))))
 
     def take(self) -> dict[str, Any]:
         pending, self._pending = self._pending, {}
@@ -160,7 +168,7 @@ class Aggregate:
             for name, text in hists.items():
                 if self.kinds.get(name) != DERIVED:
                     merged.decode_and_add(text)
-        count = merged.get_total_count()
+        count = merged.get_total_count() + failures  # the histogram holds successes only
         if count < 20:  # too few to judge
             return
         window = summarize(merged, count, failures, self.WINDOW_S)
@@ -169,9 +177,9 @@ class Aggregate:
         judged = {f"{k}_ms": window[k] for k in (*PERCENTILES, "max")}
         judged["error_rate"] = failures / count
         broken = [
-            f"{key} {judged[key]:.3f} > {limit}"
+            f"{key} {'(none succeeded)' if judged[key] is None else f'{judged[key]:.3f}'} > {limit}"
             for key, limit in slo.items()
-            if key in judged and judged[key] > limit
+            if key in judged and (judged[key] is None or judged[key] > limit)
         ]
         if broken:
             best = max(self.windows, key=lambda w: w["rps"], default={"rps": 0.0, "users": 0})

@@ -353,10 +353,13 @@ def _on_start(environment: Environment, **_: Any) -> None:
         _run["start"] = time.time()
 
 
-@events.test_stop.add_listener
-def _on_stop(environment: Environment, **_: Any) -> None:
+@events.test_stopping.add_listener
+def _on_stopping(environment: Environment, **_: Any) -> None:
+    """The end of the run's window: no request starts after it. Users then finish what
+    they were doing (up to --stop-timeout), which is not time spent asking, so rates are
+    per second of this window."""
     if not isinstance(environment.runner, WorkerRunner):
-        _run["stop"] = time.time()
+        _run.setdefault("stop", time.time())
 
 
 @events.quitting.add_listener

@@ -99,6 +99,8 @@ def breaches(report: dict[str, Any], slo: dict[str, dict[str, float]]) -> list[s
             elif key == "min_rps":
                 if figures["rps"] < limit:
                     found.append(f"{scope}: {figures['rps']:.1f} req/s < {limit}")
+            elif figures[SLO_KEYS[key]] is None:  # latencies of successes: there were none
+                found.append(f"{scope}: {key[:-3]}: no request succeeded")
             elif figures[SLO_KEYS[key]] > limit:
                 found.append(f"{scope}: {key[:-3]} {figures[SLO_KEYS[key]]:.1f} ms > {limit} ms")
     return found
@@ -172,7 +174,7 @@ def _html(report: dict[str, Any]) -> str:
         "<tr><td>"
         + html.escape(name)
         + "</td>"
-        + "".join(f"<td>{figures[f]}</td>" for f in FIELDS)
+        + "".join(f"<td>{'-' if figures[f] is None else figures[f]}</td>" for f in FIELDS)
         + "</tr>"
         for name, figures in [*report["endpoints"].items(), ("total", report["total"])]
     )
@@ -196,9 +198,19 @@ request and is not counted in the total.</p>
 
 
 # --- comparison
+def _figure(figures: dict[str, Any], key: str) -> float:
+    if key == "error_rate":
+        asked = figures["requests"] + figures.get("dropped", 0)
+        return (figures["failures"] + figures.get("dropped", 0)) / asked if asked else 0.0
+    value = figures[key]
+    # No successful request, no latency: as bad as a latency can be.
+    return float("inf") if value is None else float(value)
+
+
 def compare(old: dict[str, Any], new: dict[str, Any], threshold: float) -> tuple[str, bool]:
     """A table of the two runs' figures; regressed if a percentile rose, or throughput fell,
-    by more than `threshold` (a fraction), or failures appeared."""
+    by more than `threshold` (a fraction), or failures appeared or their rate rose by
+    more."""
     lines = [f"{'entry':40} {'figure':>8} {'old':>10} {'new':>10} {'change':>8}"]
     regressed = False
     scopes = [*old["endpoints"], "total"]
@@ -208,14 +220,16 @@ def compare(old: dict[str, Any], new: dict[str, Any], threshold: float) -> tuple
         if a is None or b is None:
             lines.append(f"{scope:40} only in {'old' if b is None else 'new'} run")
             continue
-        for key in ["rps", *PERCENTILES, "max", "failures"]:
-            before, after = float(a[key]), float(b[key])
+        for key in ["rps", *PERCENTILES, "max", "error_rate"]:
+            before, after = _figure(a, key), _figure(b, key)
             change = (after - before) / before if before else (0.0 if after == before else 1.0)
             worse = (
                 change < -threshold
                 if key == "rps"
-                else after > before
-                if key == "failures"
+                # A rate, not a count: runs of different lengths compare. Failures that
+                # appear, or a rate that grows beyond the threshold, are a regression.
+                else (after > 0 if before == 0 else change > threshold)
+                if key == "error_rate"
                 else change > threshold and key != "max"
             )
             regressed |= worse

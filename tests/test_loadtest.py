@@ -15,7 +15,7 @@ import httpx
 from deployment.topology import Topology
 from loadtest import oom
 from loadtest import report as reports
-from loadtest.hdr import Aggregate, encode, histogram
+from loadtest.hdr import Aggregate, Recorder, encode, histogram, summarize
 from tests.servers import route_count, wait_until
 
 
@@ -111,9 +111,9 @@ def test_bad_input_is_a_clear_error_before_any_load(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [slo]
 
 
-def _report(rps: float, p99: float, failures: int = 0) -> dict[str, object]:
+def _report(rps: float, p99: float, failures: int = 0, requests: int = 100) -> dict[str, object]:
     figures = {
-        "requests": 100,
+        "requests": requests,
         "failures": failures,
         "rps": rps,
         "p50": 10.0,
@@ -137,7 +137,34 @@ def test_compare_flags_regressions_beyond_the_threshold(tmp_path: Path) -> None:
     run = _loadtest("compare", str(old), str(new))
     assert run.returncode == 1
     worse = {line.split()[-5] for line in run.stdout.splitlines() if line.endswith("WORSE")}
-    assert worse == {"rps", "failures"}
+    assert worse == {"rps", "error_rate"}
+
+
+def test_compare_judges_failure_rates_not_counts() -> None:
+    # 2 in 100, then 3 in 1000: more failures, but a tenth of the rate.
+    _, regressed = reports.compare(_report(100, 50, 2), _report(100, 50, 3, 1000), 0.10)
+    assert not regressed
+    _, regressed = reports.compare(_report(100, 50, 2), _report(100, 50, 4), 0.10)
+    assert regressed
+
+
+def test_failures_are_counted_but_their_latency_is_not() -> None:
+    """A dead target refuses in a millisecond: those times must not make p95 look good."""
+    recorder = Recorder()
+    for _ in range(50):
+        recorder.record("POST /query", "POST", 1.0, failed=True)
+    payload = recorder.take()
+    aggregate = Aggregate()
+    aggregate.add(payload)
+    figures = summarize(aggregate.totals["POST /query"], 50, payload["failures"]["POST /query"], 5)
+    assert figures["failures"] == 50 and figures["samples"] == 0 and figures["p95"] is None
+    report = {"total": figures, "endpoints": {}}
+    assert reports.breaches(report, {"total": {"p95_ms": 500}}) == [
+        "total: p95: no request succeeded"
+    ]
+    aggregate.check_breakpoint({"p99_ms": 50}, users=4)  # and a ramp stops there
+    assert aggregate.breakpoint is not None
+    assert aggregate.breakpoint["breaches"] == ["p99_ms (none succeeded) > 50"]
 
 
 def test_the_shipped_example_slo_is_valid() -> None:
