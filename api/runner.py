@@ -1,7 +1,10 @@
 """`python -m api serve`: gunicorn, and the local LLM server when no LLM_BASE_URL is given.
 
 The runner supervises both: Ctrl-C or SIGTERM stops gunicorn first (it drains requests),
-then the LLM; if either dies, the other is stopped and the runner exits non-zero.
+then the LLM; if either dies, the other is stopped and the runner exits non-zero. The
+children run in process groups of their own, so a terminal's Ctrl-C reaches the runner
+alone (gunicorn takes SIGINT as "quit now", SIGTERM from the runner as "drain"), and the
+kernel stops them if the runner itself is killed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -71,9 +75,11 @@ def llm_server_command(settings: Settings, model: Path) -> list[str]:
     ]
 
 
-def _wait_for_llm(process: subprocess.Popen[bytes], base_url: str) -> bool:
+def _wait_for_llm(
+    process: subprocess.Popen[bytes], base_url: str, stopping: Callable[[], bool]
+) -> bool:
     deadline = time.monotonic() + LLM_START_SECONDS
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and process.poll() is None and not stopping():
         try:
             if httpx.get(f"{base_url}/models", timeout=1).status_code == 200:
                 return True
@@ -99,35 +105,51 @@ def serve(settings: Settings) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    runner = os.getpid()
+    return subprocess.Popen(
+        command,
+        env=env,
+        process_group=0,
+        # Before exec, in the child: SIGTERM when the runner dies, however it dies. The
+        # runner has no threads, which is what makes a preexec_fn safe.
+        preexec_fn=lambda: processes.die_with(runner),  # noqa: PLW1509
+    )
+
+
 def _supervise(settings: Settings, env: dict[str, str]) -> int:
     children: list[subprocess.Popen[bytes]] = []
-    if settings.generator == "openai" and not settings.llm_base_url:
-        model = local_model_path()
-        base_url = f"http://127.0.0.1:{settings.llm_port}/v1"
-        # llama_cpp.server reads its settings from the environment too (PORT, HOST, MODEL...):
-        # ours would override its command line, so it gets a bare environment.
-        bare = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-        llm = subprocess.Popen(llm_server_command(settings, model), env=bare)
-        children.append(llm)
-        if _wait_for_llm(llm, base_url):
-            log.info("local LLM ready", model=model.name, url=base_url)
-        else:
-            # The API starts anyway; /ready names the LLM as the reason it is not ready.
-            log.error("local LLM did not come up", model=str(model), url=base_url)
-        env.update(LLM_BASE_URL=base_url, LLM_GGUF=str(model))
-    gunicorn = subprocess.Popen(gunicorn_command(), env=env)
-    children.insert(0, gunicorn)
-
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
+    # Before the first child starts: a SIGTERM while the LLM loads must stop it too.
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    while not stopping and all(c.poll() is None for c in children):
-        time.sleep(0.2)
-    for child in children:  # gunicorn first: it drains in-flight requests
-        processes.stop(child, timeout=35)
-    return 0 if stopping else 1
+    try:
+        if settings.generator == "openai" and not settings.llm_base_url:
+            model = local_model_path()
+            base_url = f"http://127.0.0.1:{settings.llm_port}/v1"
+            # llama_cpp.server reads its settings from the environment too (PORT, HOST,
+            # MODEL...): ours would override its command line, so it gets a bare one.
+            keep = ("PATH", "HOME", "LANG", "TMPDIR")
+            bare = {k: v for k, v in os.environ.items() if k in keep}
+            llm = _start(llm_server_command(settings, model), bare)
+            children.append(llm)
+            if _wait_for_llm(llm, base_url, lambda: stopping):
+                log.info("local LLM ready", model=model.name, url=base_url)
+            elif not stopping:
+                # The API starts anyway; /ready names the LLM as the reason it is not ready.
+                log.error("local LLM did not come up", model=str(model), url=base_url)
+            env.update(LLM_BASE_URL=base_url, LLM_GGUF=str(model))
+        if stopping:
+            return 0
+        children.insert(0, _start(gunicorn_command(), env))
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+        return 0 if stopping else 1
+    finally:
+        for child in children:  # gunicorn first: it drains in-flight requests
+            processes.stop(child, timeout=35)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import CORPUS_DIR, MODEL_DIR
-from tests.servers import ROOT, ApiServer, ChromaServer, RedisServer, wait_until
+from tests.servers import ROOT, ApiServer, ChromaServer, RedisServer, free_port, wait_until
 
 
 def serve(tmp_path: Path, name: str, **env: str) -> tuple[ApiServer, str]:
@@ -260,3 +260,52 @@ def test_a_reload_on_the_embedded_store_waits_for_the_old_worker(tmp_path):
         assert not _alive(old) and process.alive()
     finally:
         process.stop()
+
+
+def test_a_sigterm_while_the_local_llm_loads_stops_it_too(tmp_path):
+    """The runner's handlers are in place before its first child starts: stopped while
+    the LLM is still loading, it takes the LLM with it instead of leaving it on its port."""
+    port = free_port()
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "api", "serve"],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATA_DIR": str(tmp_path / "data"),
+            "MODEL_DIR": str(MODEL_DIR),
+            "PORT": str(free_port()),
+            "LLM_PORT": str(port),
+            "GENERATOR": "openai",
+            "INGEST_ON_START": "false",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started: list[int] = []
+    try:
+        wait_until(lambda: bool(_children(runner.pid)), 60, "the LLM started")
+        started += _children(runner.pid)
+        (llm,) = started
+        assert b"llama_cpp.server" in _cmdline(llm)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == 0
+        wait_until(lambda: not _alive(llm), 30, "the LLM gone")
+    finally:
+        runner.kill()
+        runner.wait()
+        for child in filter(_alive, started):  # if this test failed, it leaves no orphan
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_runner_killed_outright_takes_its_children_with_it(tmp_path):
+    process, base = serve(tmp_path, "killed-runner")
+    assert process.proc is not None
+    children = _children(process.proc.pid)
+    assert children and httpx.get(f"{base}/health").status_code == 200
+    try:
+        os.kill(process.proc.pid, signal.SIGKILL)  # no handler runs: the kernel tells them
+        wait_until(lambda: not any(map(_alive, children)), 60, "gunicorn gone")
+    finally:
+        process.stop()
+        for child in filter(_alive, children):
+            os.kill(child, signal.SIGKILL)
