@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from api import processes
 from loadtest import report as reports
 from loadtest.questions import POPULAR
 from loadtest.scenarios import SCENARIOS
@@ -172,9 +173,9 @@ def run(args: argparse.Namespace) -> int:
         "LOADTEST_METRICS_PORT": str(args.metrics_port),
         "LOADTEST_TARGETS_DIR": str(args.prometheus_targets),
     }
-    locust = subprocess.run(command, env=env, cwd=HERE.parent, check=False)
-    if locust.returncode != 0 or not raw_path.exists():
-        print(f"loadtest: locust exited {locust.returncode} without results", file=sys.stderr)
+    code, interrupted = _run_locust(command, env)
+    if (code != 0 and not interrupted) or not raw_path.exists():
+        print(f"loadtest: locust exited {code} without results", file=sys.stderr)
         return 1
     raw = json.loads(raw_path.read_text())
     result = reports.build(
@@ -188,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
             "model": "open" if args.arrival_rate else "closed",
             "arrival_rate": args.arrival_rate or None,
             "shape": args.shape,
+            "interrupted": interrupted,
         },
     )
     found = reports.breaches(result, slo) if slo else []
@@ -197,10 +199,44 @@ def run(args: argparse.Namespace) -> int:
     latest.unlink(missing_ok=True)
     latest.symlink_to(stamp)
     _print(result, directory)
+    if interrupted:
+        print("loadtest: interrupted; the report covers the run until then", file=sys.stderr)
+        return 130
     if found:
         print("SLO breached:\n  " + "\n  ".join(found), file=sys.stderr)
         return 1
     return 0
+
+
+STOP_GRACE_S = 60  # Locust's --stop-timeout (30 s) for its users, and time to write
+
+
+def _run_locust(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Locust's exit code, and whether the run was interrupted. Locust runs in a process
+    group of its own, so a Ctrl-C reaches this process only, which then asks Locust to
+    stop (SIGTERM: it stops its users and writes what it measured) and waits for it; the
+    kernel stops Locust if this process is killed outright."""
+    parent = os.getpid()
+    locust = subprocess.Popen(
+        command,
+        env=env,
+        cwd=HERE.parent,
+        process_group=0,
+        preexec_fn=lambda: processes.die_with(parent),  # noqa: PLW1509  # no threads here
+    )
+    try:
+        return locust.wait(), False
+    except KeyboardInterrupt:
+        locust.terminate()
+        try:
+            return locust.wait(STOP_GRACE_S), True
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C: now
+            locust.kill()
+            return locust.wait(), True
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:8.1f}" if value is not None else f"{'-':>8}"
 
 
 def _print(result: dict[str, Any], directory: Path) -> None:
@@ -210,7 +246,7 @@ def _print(result: dict[str, Any], directory: Path) -> None:
     for name, f in rows:
         print(
             f"{name:36} {f['requests']:7d} {f['failures']:5d} {f['rps']:8.1f} "
-            f"{f['p50']:8.1f} {f['p95']:8.1f} {f['p99']:8.1f} {f['max']:8.1f}"
+            f"{_ms(f['p50'])} {_ms(f['p95'])} {_ms(f['p99'])} {_ms(f['max'])}"
         )
     print(f"(milliseconds; report in {directory})")
     generator = result["generator"]

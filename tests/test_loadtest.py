@@ -4,6 +4,8 @@ servers saw, request for request, and its percentiles what nginx measured."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -327,3 +329,37 @@ def test_no_limit_is_recommended_when_no_stage_held():
     mib = 1024 * 1024
     assert oom.recommended_limit([]) is None  # not the idle figure, which knows no load
     assert oom.recommended_limit([300 * mib, 400 * mib]) == 576 * mib  # 400 * 1.3, up to 64 MiB
+
+
+def test_ctrl_c_stops_the_run_gracefully_and_still_reports(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches the harness (Locust runs in a process group of its own), which asks
+    Locust to stop and write what it measured: a report of the run so far, exit 130."""
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    run = subprocess.Popen(
+        [
+            sys.executable, "-m", "loadtest", "run", "--target", topology.url,
+            "--scenario", "cache-hit", "--users", "2", "--duration", "120s",
+            "--metrics-port", "0", "--prometheus-targets", str(targets),
+            "--out", str(tmp_path / "reports"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a terminal of its own: the signal goes to its group
+    )  # fmt: skip
+    try:
+        wait_until(lambda: json.loads((targets / "loadtest.json").read_text()) != [], 60, "running")
+        time.sleep(3)  # some requests
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        output, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, output[-3000:]
+    report = json.loads((tmp_path / "reports" / "latest" / "report.json").read_text())
+    assert report["interrupted"] is True and report["total"]["requests"] > 0
+    assert report["duration_s"] < 60
+    assert json.loads((targets / "loadtest.json").read_text()) == []  # withdrawn
