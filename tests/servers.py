@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -69,15 +70,30 @@ class Process:
         )
         log.close()
 
+    def ready(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait for `check`; a process that never gets there is stopped, not leaked."""
+        try:
+            wait_until(check, timeout, what)
+        except TimeoutError:
+            self.stop()
+            raise AssertionError(f"{what} did not start:\n{self.output()[-3000:]}") from None
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """The whole process group, even if its leader has just exited (what it started
+        may not have). Not once it was reaped by an earlier stop or check: with 32768 pids,
+        an emptied group's id can soon be another process's."""
+        if self.proc is None or self.proc.returncode is not None:
             return
-        os.killpg(self.proc.pid, sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):  # stragglers in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def pause(self) -> None:
         """SIGSTOP: the server keeps its sockets and data but answers nothing."""
@@ -133,7 +149,7 @@ class RedisServer(Process):
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
 
-        wait_until(ping, 10, "redis-server")
+        self.ready(ping, 10, "redis-server")
 
 
 class LlamaServer(Process):
@@ -163,7 +179,7 @@ class LlamaServer(Process):
     def start(self) -> None:
         super().start()
         url = f"{self.base_url}/models"
-        wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 120, "llama server")
+        self.ready(lambda: httpx.get(url, timeout=1).status_code == 200, 120, "llama server")
 
     def cpu_ticks(self) -> int:
         """CPU time used so far (user + system, in clock ticks): shows whether it is working."""
@@ -194,7 +210,7 @@ class ChromaServer(Process):
     def start(self) -> None:
         super().start()
         url = f"http://127.0.0.1:{self.port}/api/v2/heartbeat"
-        wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "chroma run")
+        self.ready(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "chroma run")
 
 
 class ApiServer(Process):
@@ -225,15 +241,11 @@ class ApiServer(Process):
 
     def start(self, timeout: float = 180) -> None:
         super().start()
-        try:
-            wait_until(
-                lambda: httpx.get(f"{self.base}/ready", timeout=2).status_code == 200,
-                timeout,
-                f"api server {self.log_path.stem}",
-            )
-        except TimeoutError:
-            self.stop()
-            raise AssertionError(self.output()[-3000:]) from None
+        self.ready(
+            lambda: httpx.get(f"{self.base}/ready", timeout=2).status_code == 200,
+            timeout,
+            f"api server {self.log_path.stem}",
+        )
 
 
 _STACK_PORTS = (
