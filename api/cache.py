@@ -118,6 +118,7 @@ class Cache:
         self._probe: threading.Thread | None = None
         # A corpus change that could not be announced; retried until it is.
         self._pending_bump = False
+        self._unannounced = 0  # changes whose announcement failed, ever
 
     @property
     def available(self) -> bool:
@@ -175,7 +176,9 @@ class Cache:
             with self._span("SET"):
                 self._new_generation()
         except redis.RedisError as exc:
-            self._pending_bump = True
+            with self._state:
+                self._pending_bump = True
+                self._unannounced += 1
             self._went_down(exc)
 
     def put_answer(self, key: str, record: bytes) -> None:
@@ -236,15 +239,25 @@ class Cache:
 
     def _wait_for_redis(self) -> None:
         while not self._stop.wait(self._retry):
-            try:
-                self._redis.ping()
-                # Any worker's writes during the outage may be unannounced: replace the
-                # generation before trusting a cached answer again.
-                self._new_generation()
-            except redis.RedisError:
-                continue
-            with self._state:
-                self._up = True
-                self._pending_bump = False
-            log.info("redis is back, cache resumed")
-            return
+            if self._try_resume():
+                log.info("redis is back, cache resumed")
+                return
+
+    def _try_resume(self) -> bool:
+        """Any worker's writes during the outage may be unannounced: replace the generation
+        before trusting a cached answer again. A change in this process whose own
+        announcement failed after that replacement began is not covered by it: then try
+        again."""
+        with self._state:
+            seen = self._unannounced
+        try:
+            self._redis.ping()
+            self._new_generation()
+        except redis.RedisError:
+            return False
+        with self._state:
+            if self._unannounced != seen:
+                return False
+            self._up = True
+            self._pending_bump = False
+        return True

@@ -270,3 +270,35 @@ def test_two_corpora_sharing_a_redis_keep_their_answers_apart(
         # And a write to one corpus leaves the other's cached answers alone.
         staging.post("/documents", json={"documents": [{"text": "Staging resets nightly."}]})
         assert ask(prod)["cached"] is True
+
+
+def test_a_change_that_fails_to_announce_itself_during_the_probe_is_announced(redis_server):
+    """The probe replaces the generation, and meanwhile an ingest in this process fails to:
+    that ingest's change came after the probe's replacement, so the probe must not declare
+    the cache back until a replacement covers it."""
+    import redis
+
+    from api.cache import Cache, generation_key
+
+    cache = Cache(redis_server.url, "probe", 60, 0.25, 60)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        cache._up = False  # Redis went away; the probe is about to find it again
+        real = cache._new_generation
+        raced: list[bool] = []
+
+        def replaced_while_an_ingest_fails() -> None:
+            real()
+            if not raced:  # the ingest, on another thread, just after the replacement
+                raced.append(True)
+                with cache._state:
+                    cache._pending_bump = True
+                    cache._unannounced += 1
+
+        cache._new_generation = replaced_while_an_ingest_fails  # type: ignore[method-assign]
+        first = client.get(generation_key("probe"))
+        assert cache._try_resume() is False and not cache.available
+        assert cache._try_resume() is True and cache.available
+        assert client.get(generation_key("probe")) not in (None, first)
+    finally:
+        cache.close()
