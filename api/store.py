@@ -338,7 +338,8 @@ class VectorStore:
             # chunk settings may run past our last chunk: those go.
             beyond: Any = {"$and": [{"doc_id": doc.id}, {"chunk": {"$gte": len(ids)}}]}
             chunks.delete(where=beyond)
-            try:
+
+            def put_chunks() -> None:
                 for start in range(0, len(ids), batch):
                     end = start + batch
                     chunks.upsert(
@@ -347,12 +348,20 @@ class VectorStore:
                         documents=list(chunk_texts[start:end]),
                         metadatas=list(metas[start:end]),
                     )
+
+            try:
+                put_chunks()
                 docs.upsert(
                     ids=[doc.id],
                     embeddings=[centroid.tolist()],
                     documents=[text],
                     metadatas=[doc.as_metadata()],
                 )
+                # A delete of this same content (another worker, another replica) may have
+                # removed our chunks between their write and our commit: a document must
+                # never be committed without them.
+                if len(chunks.get(ids=ids, include=[])["ids"]) < len(ids):
+                    put_chunks()
             except Exception:
                 # Roll back, unless a concurrent writer has committed the same document.
                 if not _committed(docs, doc.id):
@@ -366,4 +375,8 @@ class VectorStore:
             # Document record first: from here on its chunks are invisible to searches.
             docs.delete(ids=[doc_id])
             chunks.delete(where={"doc_id": doc_id})
+            if _committed(docs, doc_id):
+                # The same content was written again meanwhile, and its chunks may have
+                # gone with the delete: the delete wins, so no record is left without them.
+                docs.delete(ids=[doc_id])
             return True

@@ -8,7 +8,7 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from api.ingest import document_id
+from api.ingest import NewDocument, document_id
 from api.store import EmbeddedStoreBusy, EmbeddingModelMismatch, VectorStore
 from tests.conftest import ROOT, make_settings, services_of
 from tests.files import HTML, MARKDOWN, pdf_bytes
@@ -255,3 +255,56 @@ def test_a_second_writer_never_breaks_a_committed_document(client, monkeypatch):
     assert chunk_count(client, first["id"]) == first["chunks"]
     hits = client.post("/query", json={"question": "stale locks on replicas"}).json()
     assert hits["sources"][0]["document_id"] == first["id"]
+
+
+def _committed_without_chunks(client: TestClient) -> list[str]:
+    _, docs = services_of(client).store._connect()
+    return [d for d in docs.get(include=[])["ids"] if not chunk_count(client, d)]
+
+
+def test_a_delete_racing_a_rewrite_of_the_same_content_leaves_no_empty_document(client):
+    """Another worker writes the same content again while this one deletes it, between
+    the delete's two steps: the rewrite's chunks go with the delete. The delete then wins
+    outright instead of leaving a record that no search can find."""
+    services = services_of(client)
+    (doc,) = ingest(client, {"text": LONG, "source": "steps.txt"})
+    chunks, _ = services.store._connect()
+    real_delete = chunks.delete
+
+    def delete_after_a_rewrite(**kwargs):
+        if kwargs.get("where") == {"doc_id": doc["id"]}:
+            chunks.delete = real_delete  # once
+            again = services.ingestor.ingest([NewDocument(LONG, "steps.txt", "api")])
+            assert again[0].status == "created"  # the record had gone: written anew
+        return real_delete(**kwargs)
+
+    chunks.delete = delete_after_a_rewrite
+    try:
+        assert client.delete(f"/documents/{doc['id']}").status_code == 200
+    finally:
+        chunks.delete = real_delete
+    assert client.get(f"/documents/{doc['id']}").status_code == 404
+    assert _committed_without_chunks(client) == []
+
+
+def test_a_write_whose_chunks_a_delete_removed_puts_them_back(client):
+    """The reverse order: a delete of the same content removes this writer's chunks after
+    they were written and before the record is: the writer, checking after its commit,
+    writes them again."""
+    services = services_of(client)
+    chunks, docs = services.store._connect()
+    doc_id = document_id(LONG)
+    real_upsert = docs.upsert
+
+    def upsert_after_a_delete(**kwargs):
+        docs.upsert = real_upsert  # once
+        chunks.delete(where={"doc_id": doc_id})  # the other worker's delete, mid-write
+        return real_upsert(**kwargs)
+
+    docs.upsert = upsert_after_a_delete
+    try:
+        (doc,) = ingest(client, {"text": LONG, "source": "steps.txt"})
+    finally:
+        docs.upsert = real_upsert
+    assert doc["id"] == doc_id and chunk_count(client, doc_id) == doc["chunks"]
+    assert _committed_without_chunks(client) == []
