@@ -9,7 +9,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -163,6 +163,21 @@ def _value(samples: list, name: str, **labels: str) -> float:
     )
 
 
+def _steady(read: Callable[[], float], what: str) -> float:
+    """`read()` once two reads three flusher ticks apart agree: whatever increments were on
+    their way to the shared files have landed."""
+    seen: list[float] = []
+
+    def agreed() -> bool:
+        seen.append(read())
+        time.sleep(3 * flusher.TICK)
+        seen.append(read())
+        return seen[-1] == seen[-2]
+
+    wait_until(agreed, 15, what)
+    return seen[-1]
+
+
 def test_counters_add_up_exactly_across_workers(stack: Stack) -> None:
     labels = {
         "http_route": "/query",
@@ -170,7 +185,11 @@ def test_counters_add_up_exactly_across_workers(stack: Stack) -> None:
         "http_response_status_code": "200",
     }
     count = "http_server_request_duration_seconds_count"
-    time.sleep(3 * flusher.TICK)  # earlier requests' increments are in the files
+
+    def counted_so_far() -> float:
+        return _value(stack.metrics()["http_server_request_duration_seconds"], count, **labels)
+
+    _steady(counted_so_far, "earlier requests counted")
     before = stack.metrics()["http_server_request_duration_seconds"]
     n = stack.ask_until_every_worker_answered(
         ["Who is on call?", "What happens when Redis is down?"]
@@ -183,7 +202,7 @@ def test_counters_add_up_exactly_across_workers(stack: Stack) -> None:
     # Increments reach the shared files within a flusher tick: wait for them, then see
     # that none is missing and none is counted twice.
     wait_until(lambda: counted() >= n, 5, "the requests counted")
-    time.sleep(3 * flusher.TICK)
+    _steady(counted, "no more increments")
     families = stack.metrics()
     after = families["http_server_request_duration_seconds"]
     assert _value(after, count, **labels) - _value(before, count, **labels) == n
@@ -394,8 +413,7 @@ def test_a_graceful_restart_loses_no_count(stack: Stack) -> None:
     def counted() -> float:
         return _value(stack.metrics()["http_server_request_duration_seconds"], count, **labels)
 
-    time.sleep(3 * flusher.TICK)
-    before = counted()
+    before = _steady(counted, "earlier requests counted")
     old = stack.workers()
     n = 20
     for i in range(n):
@@ -415,8 +433,7 @@ def test_a_graceful_restart_loses_no_count(stack: Stack) -> None:
         60,
         "the new workers reporting",
     )
-    time.sleep(3 * flusher.TICK)
-    assert counted() - before == n
+    assert _steady(counted, "the old workers' last increments") - before == n
 
 
 def test_a_killed_span_relay_is_started_again_and_traces_resume(stack: Stack) -> None:
