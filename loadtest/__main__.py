@@ -221,6 +221,9 @@ def _run_locust(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
         command,
         env=env,
         cwd=HERE.parent,
+        # Not the terminal: Locust's key listener would put it in cbreak mode, and from a
+        # background process group that stops it (SIGTTOU).
+        stdin=subprocess.DEVNULL,
         process_group=0,
         preexec_fn=lambda: processes.die_with(parent),  # noqa: PLW1509  # no threads here
     )

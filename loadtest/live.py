@@ -55,6 +55,8 @@ class LiveCollector:
             labels=["run_id", "entry", "quantile"],
         )
         for name, hist in self._aggregate.recent(10.0).items():
+            if not hist.get_total_count():  # only failures: no latency, not a latency of 0
+                continue
             for quantile in (0.5, 0.95, 0.99):
                 value = hist.get_value_at_percentile(quantile * 100) / 1e6
                 latency.add_metric([self._run, name, str(quantile)], value)

@@ -22,8 +22,10 @@ SLO_KEYS = {f"{p}_ms": p for p in [*PERCENTILES, "max"]} | {
 
 def build(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """report.json's content: per entry and `total` (HTTP requests only), milliseconds."""
-    started, stopped = raw.get("started") or 0.0, raw.get("stopped") or 0.0
-    seconds = max(stopped - started, 1e-9)
+    started, stopped = raw.get("started"), raw.get("stopped")
+    # No start: interrupted before the first user ran. No window, so no rate.
+    seconds = max(stopped - started, 1e-9) if started and stopped else 0.0
+    started = started or stopped or 0.0
     totals = {name: decode(text) for name, text in raw["totals"].items()}
     counts = raw.get("counts", {})
     endpoints = {}
@@ -127,9 +129,8 @@ def _plots(raw: dict[str, Any], report: dict[str, Any], directory: Path) -> None
     started = report["started"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name in report["endpoints"]:
-        points = [
-            (at - started, decode(hists[name])) for at, hists in raw["intervals"] if name in hists
-        ]
+        decoded = [(at - started, decode(h[name])) for at, h, *_ in raw["intervals"] if name in h]
+        points = [(x, hist) for x, hist in decoded if hist.get_total_count()]  # successes only
         if not points:
             continue
         xs = [x for x, _ in points]

@@ -3,11 +3,14 @@ servers saw, request for request, and its percentiles what nginx measured."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -331,13 +334,22 @@ def test_no_limit_is_recommended_when_no_stage_held():
     assert oom.recommended_limit([300 * mib, 400 * mib]) == 576 * mib  # 400 * 1.3, up to 64 MiB
 
 
+def _on_a_terminal() -> None:
+    """In the child: a new session whose controlling terminal is its stdin (a pty)."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def test_ctrl_c_stops_the_run_gracefully_and_still_reports(
     topology: Topology, tmp_path: Path
 ) -> None:
-    """Ctrl-C reaches the harness (Locust runs in a process group of its own), which asks
-    Locust to stop and write what it measured: a report of the run so far, exit 130."""
+    """Run from a terminal (a pty here) and stopped by a Ctrl-C typed into it: the harness
+    asks Locust to stop and write what it measured, and reports the run so far, exit 130.
+    On a terminal, Locust in its own process group must not touch the terminal either
+    (its key listener would be stopped by SIGTTOU and the run would hang)."""
     targets = tmp_path / "targets"
     targets.mkdir()
+    controller, terminal = os.openpty()
     run = subprocess.Popen(
         [
             sys.executable, "-m", "loadtest", "run", "--target", topology.url,
@@ -345,20 +357,32 @@ def test_ctrl_c_stops_the_run_gracefully_and_still_reports(
             "--metrics-port", "0", "--prometheus-targets", str(targets),
             "--out", str(tmp_path / "reports"),
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # a terminal of its own: the signal goes to its group
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        preexec_fn=_on_a_terminal,  # noqa: PLW1509  # the test runs no threads of its own here
     )  # fmt: skip
+    os.close(terminal)
+    output = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once every writer has gone
+            while chunk := os.read(controller, 65536):
+                output.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         wait_until(lambda: json.loads((targets / "loadtest.json").read_text()) != [], 60, "running")
         time.sleep(3)  # some requests
-        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        output, _ = run.communicate(timeout=120)
+        os.write(controller, b"\x03")  # Ctrl-C: the terminal signals its foreground group
+        assert run.wait(timeout=120) == 130, output.decode(errors="replace")[-3000:]
     finally:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 130, output[-3000:]
+            run.kill()
+            run.wait()
+        reader.join(timeout=10)
+        os.close(controller)
     report = json.loads((tmp_path / "reports" / "latest" / "report.json").read_text())
     assert report["interrupted"] is True and report["total"]["requests"] > 0
     assert report["duration_s"] < 60
