@@ -110,6 +110,7 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         command,
         env=env,
+        stdin=subprocess.DEVNULL,  # from a background process group a read would stop it
         process_group=0,
         # Before exec, in the child: SIGTERM when the runner dies, however it dies. The
         # runner has no threads, which is what makes a preexec_fn safe.

@@ -239,6 +239,19 @@ class ApiServer(Process):
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        """The runner puts gunicorn and the LLM in process groups of their own: whatever of
+        its tree outlives it (a drain longer than `timeout`) is killed here, not left
+        holding ports and CPU for the tests after."""
+        tree = descendants(self.proc.pid) if self.proc and self.proc.poll() is None else []
+        super().stop(sig, timeout)
+        deadline = time.monotonic() + timeout
+        while (alive := [p for p in tree if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def start(self, timeout: float = 180) -> None:
         super().start()
         self.ready(
@@ -246,6 +259,32 @@ class ApiServer(Process):
             timeout,
             f"api server {self.log_path.stem}",
         )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, by ancestry in /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 _STACK_PORTS = (

@@ -231,7 +231,7 @@ def test_a_reload_on_the_embedded_store_waits_for_the_old_worker(tmp_path):
         (master,) = [p for p in _children(process.proc.pid) if b"gunicorn" in _cmdline(p)]
         (old,) = [p for p in _children(master) if b"gunicorn" in _cmdline(p)]
         # Hundreds of chunks to embed: the old worker is busy for seconds.
-        text = " ".join(f"Line {i} of the long runbook about replica {i % 7}." for i in range(4000))
+        text = " ".join(f"Line {i} of the long runbook about replica {i % 7}." for i in range(1500))
         result: list[httpx.Response] = []
         upload = threading.Thread(
             target=lambda: result.append(
@@ -283,10 +283,13 @@ def test_a_sigterm_while_the_local_llm_loads_stops_it_too(tmp_path):
     )
     started: list[int] = []
     try:
-        wait_until(lambda: bool(_children(runner.pid)), 60, "the LLM started")
+
+        def llm_started() -> bool:  # its command line, once exec has replaced the fork's
+            return any(b"llama_cpp.server" in _cmdline(p) for p in _children(runner.pid))
+
+        wait_until(llm_started, 60, "the LLM started")
         started += _children(runner.pid)
         (llm,) = started
-        assert b"llama_cpp.server" in _cmdline(llm)
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=60) == 0
         wait_until(lambda: not _alive(llm), 30, "the LLM gone")
