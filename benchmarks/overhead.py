@@ -27,6 +27,7 @@ import os
 import statistics
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from benchmarks.wrk import wrk
 from tests.servers import ApiServer, RedisServer
 
 QUESTION: dict[str, object] = {"question": "How do I restore a backup?"}
+RELAY_SETTLE_S = 5.5
 
 
 class _Sink(BaseHTTPRequestHandler):
@@ -236,6 +238,9 @@ def _measure(  # noqa: PLR0917
                         spent[name] += worked
                         served[name] += result.requests
                         if relay:
+                            # The workers send a batch every 5 s (OTEL_BSP_SCHEDULE_DELAY):
+                            # the window's last spans reach the relay after wrk is done.
+                            time.sleep(RELAY_SETTLE_S)
                             relayed[name] += cpu_seconds(relay) - before
                 finally:
                     for server in servers.values():
