@@ -85,7 +85,10 @@ class Settings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        level = value.strip().lower()
+        return "warning" if level == "warn" else level  # the stdlib's alias
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -1,5 +1,5 @@
 """Text extraction from uploaded PDF and HTML, run in a child process:
-`python -m api.extract {pdf|html} MAX_CHARS < file`, printing one JSON object, {"text",
+`python -m api.extract {pdf|html} MAX_CHARS SECONDS < file`, printing one JSON object, {"text",
 "title"} or {"error"}.
 
 Both parsers are pure Python and take untrusted input: some crafted PDFs make pypdf spin
@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import resource
 import sys
 from html.parser import HTMLParser
@@ -44,14 +45,19 @@ class _HtmlText(HTMLParser):
     follows the text, not the markup (a parsed tree took ~200 times the page's size)."""
 
     SKIPPED = frozenset(("script", "style", "noscript", "template", "head"))
+    # What may stand in a <head>: anything else means the body has begun, </head> or not.
+    HEAD = frozenset(("title", "meta", "link", "style", "script", "base", "noscript", "template"))
     # Elements that end a line of text; any other (inline) element runs on.
     BLOCKS = frozenset(
         (
-            "address article aside blockquote body br dd details dialog div dl dt fieldset "
-            "figcaption figure footer form h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre "
-            "section summary table tbody td tfoot th thead tr ul"
+            "address article aside blockquote body br caption dd details dialog div dl dt "
+            "fieldset figcaption figure footer form h1 h2 h3 h4 h5 h6 header hr legend li "
+            "main nav ol option p pre section summary table tbody td tfoot th thead tr ul"
         ).split()
     )
+    # Inline elements that stand apart from their neighbours: menus of links and buttons
+    # are often written without a space between them ("<a>Home</a><a>About</a>").
+    APART = frozenset(("a", "button", "label", "img", "input", "select", "textarea"))
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -62,23 +68,32 @@ class _HtmlText(HTMLParser):
         self._in_title = self._in_h1 = False
         self._pre = 0  # open <pre>s: inside one, a line break in the source is one
 
+    def _body_begins(self) -> None:
+        if self._skipping == ["head"]:
+            self._skipping.clear()
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if self._skipping == ["head"] and (tag == "body" or tag in self.BLOCKS):
-            self._skipping.clear()  # </head> may be left out: the body ends it
+        self._in_title = False  # a title holds text only: a tag ends one left open
+        if tag not in self.HEAD:
+            self._body_begins()
         if tag == "title" and self.title is None:
             self._in_title, self.title = True, []
         elif tag in self.SKIPPED:
             self._skipping.append(tag)
-        elif tag == "h1" and self.h1 is None:
+        elif tag == "h1" and self.h1 is None and not self._skipping:
             self._in_h1, self.h1 = True, []
         elif tag == "pre":
             self._pre += 1
         if tag in self.BLOCKS:
             self.parts.append("\n")
+        elif tag in self.APART:
+            self.parts.append(" ")
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self.BLOCKS:  # <br/>, <hr/>
             self.parts.append("\n")
+        elif tag in self.APART:
+            self.parts.append(" ")
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "title":
@@ -92,18 +107,24 @@ class _HtmlText(HTMLParser):
             self._pre = max(0, self._pre - 1)
         if tag in self.BLOCKS:
             self.parts.append("\n")
+        elif tag in self.APART:
+            self.parts.append(" ")
 
     def handle_data(self, data: str) -> None:
         if self._in_title:
             assert self.title is not None
             self.title.append(data)
-        elif not self._skipping:
-            if not self._pre:  # elsewhere a line break is just a space
-                data = data.replace("\n", " ")
-            self.parts.append(data)
-            if self._in_h1:
-                assert self.h1 is not None
-                self.h1.append(data)
+            return
+        if data.strip():
+            self._body_begins()  # text outside any head element: the body has begun
+        if self._skipping:
+            return
+        if not self._pre:  # elsewhere a line break is just a space
+            data = data.replace("\r", " ").replace("\n", " ")
+        self.parts.append(data)
+        if self._in_h1:
+            assert self.h1 is not None
+            self.h1.append(data)
 
 
 def html(markup: str) -> dict[str, str | None]:
@@ -118,8 +139,12 @@ def html(markup: str) -> dict[str, str | None]:
 
 
 def main() -> None:
+    kind, max_chars, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-    kind, max_chars = sys.argv[1], int(sys.argv[2])
+    # The parent kills it at its deadline; if the parent is killed first, the kernel does,
+    # a second of CPU later, rather than letting an orphan spin for hours.
+    cpu = math.ceil(seconds) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     data = sys.stdin.buffer.read()
     try:
         # HTML comes as UTF-8: the parent checked and decoded it, and sends it on as such.

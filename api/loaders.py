@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".html", ".htm")
+PARSED_IN_CHILD = (".pdf", ".html", ".htm")
+MAX_PARSERS = 2  # children parsing at once per process: each may take its memory cap
 MAX_TITLE_CHARS = 512
 
 
@@ -26,6 +28,10 @@ class LoadedText:
     name: str
     text: str
     title: str
+
+
+def parsed_in_child(filename: str) -> bool:
+    return PurePosixPath(filename.replace("\\", "/")).suffix.lower() in PARSED_IN_CHILD
 
 
 def load_file(
@@ -85,7 +91,7 @@ def _markdown_title(text: str) -> str | None:
 
 
 # Parsers running at once in this process: each child may take up to its memory cap.
-_parser_slots = threading.BoundedSemaphore(2)
+_parser_slots = threading.BoundedSemaphore(MAX_PARSERS)
 
 
 def _in_child(
@@ -99,7 +105,7 @@ def _in_child(
     with _parser_slots:
         try:
             run = subprocess.run(
-                [sys.executable, "-m", "api.extract", kind, str(max_chars)],
+                [sys.executable, "-m", "api.extract", kind, str(max_chars), str(timeout)],
                 input=data,
                 capture_output=True,
                 timeout=timeout,

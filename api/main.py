@@ -58,6 +58,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
+async def _last_resort(request: Request, exc: Exception) -> JSONResponse:
+    """A failure of the request telemetry itself (RequestTelemetry answers the rest)."""
+    telemetry.count(metrics.ERRORS, type="internal")
+    log.exception("unhandled error outside the request's telemetry", path=request.url.path)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
 _REJECTED_DOCUMENTS = {"unsupported_file_type", "unreadable_document", "empty_document"}
 _ERRORS: list[tuple[type[Exception], int, str]] = [
     (UnsupportedFileType, 415, "unsupported_file_type"),
@@ -135,7 +142,8 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     for error, status, kind in _ERRORS:
         app.add_exception_handler(error, _error(status, kind))
     # Exceptions no handler here answers are answered by RequestTelemetry, inside the
-    # request's trace and with its id.
+    # request's trace and with its id; this one only catches what escapes it.
+    app.add_exception_handler(Exception, _last_resort)
     # Added last runs first: telemetry wraps the body limit, so a 413 is counted and logged.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import anyio
 import structlog
 
 from api.answer import QueryService
@@ -12,6 +13,7 @@ from api.config import Settings
 from api.embeddings import Embedder
 from api.generation import ExtractiveGenerator, Generator
 from api.ingest import Ingestor
+from api.loaders import MAX_PARSERS
 from api.store import StoreUnavailable, VectorStore
 
 log = structlog.get_logger(__name__)
@@ -26,6 +28,10 @@ class Services:
     ingestor: Ingestor
     queries: QueryService
     generator: Generator
+    # Uploads waiting for a PDF or HTML parser wait here, not in a thread of the pool.
+    parsers: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(MAX_PARSERS)
+    )
 
     @classmethod
     def start(cls, settings: Settings, embedder: Embedder | None = None) -> Services:

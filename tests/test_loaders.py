@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -96,3 +98,33 @@ def test_at_most_two_parsers_run_at_once(monkeypatch):
     for thread in threads:
         thread.join(timeout=30)
     assert peak == 2
+
+
+def test_a_parser_left_running_is_stopped_by_its_own_cpu_limit():
+    """If the worker is killed while a child parses, no deadline of the worker's stops
+    the child any more: its CPU limit (the deadline plus a second) does."""
+    run = subprocess.run(
+        [sys.executable, "-m", "api.extract", "html", "1000", "1"],
+        input=b"<a" * 400_000,  # minutes of parsing
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode in (-signal.SIGXCPU, -signal.SIGKILL), run.returncode
+
+
+@pytest.mark.parametrize(
+    ("markup", "text", "title"),
+    [
+        ("<title>T<body><p>Body text", "Body text", "T"),  # a title left open
+        ("<head><title>T</title><span>first</span> text<p>para", "first text\npara", "T"),
+        ("<nav><a>Home</a><a>About</a></nav>", "Home About", None),  # a menu, unspaced
+        ("<select><option>A</option><option>B</option></select>", "A\nB", None),
+        ("<p>line one\r\nline two</p>", "line one line two", None),  # CRLF source
+        ("<template><h1>Hidden</h1></template><h1>Real</h1>", "Real", "Real"),
+        ("<p>see <a href=x>the docs</a> for more</p>", "see the docs for more", None),
+        ("<p>im<b>port</b>ant</p>", "important", None),  # inline markup inside a word
+    ],
+)
+def test_html_as_pages_are_really_written(markup, text, title):
+    assert extract.html(markup) == {"text": text, "title": title}

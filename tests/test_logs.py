@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import structlog
+from fastapi.testclient import TestClient
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -252,3 +253,15 @@ def test_an_unhandled_error_is_recorded_on_the_server_span(stderr: _Stderr, monk
     error = next(line for line in stderr.lines() if line["event"] == "unhandled error")
     assert error["trace_id"] == format(span.context.trace_id, "032x")
     assert error["span_id"] == format(span.context.span_id, "016x")
+
+
+def test_a_failure_of_the_request_telemetry_itself_is_still_a_json_500(make_client, monkeypatch):
+    class Broken:
+        def match(self, _: str) -> None:
+            raise RuntimeError("the telemetry broke")
+
+    with make_client() as client:
+        monkeypatch.setattr("api.middleware._REQUEST_ID", Broken())
+        # As a server sees it: the exception goes on to the server after the answer.
+        response = TestClient(client.app, raise_server_exceptions=False).get("/health")
+    assert response.status_code == 500 and response.json() == {"detail": "internal error"}

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import ServicesDep, json_body
 from api.ingest import NewDocument
-from api.loaders import load_file
+from api.loaders import load_file, parsed_in_child
 from api.schemas import (
     INVALID_BODY,
     DeleteResponse,
@@ -71,12 +73,14 @@ async def _from_upload(request: Request, services: Services) -> list[NewDocument
             raise HTTPException(
                 413, f"{upload.filename}: larger than {limits.max_upload_bytes} bytes"
             )
-        loaded = await run_in_threadpool(
-            load_file,
-            upload.filename or "upload",
-            data,
-            limits.max_document_chars,
-            limits.extract_timeout_seconds,
+        name = upload.filename or "upload"
+        # PDF and HTML wait for a parser without holding one of the pool's threads, which
+        # queries and probes need (a queue of slow files would otherwise take them all).
+        loaded = await anyio.to_thread.run_sync(
+            partial(
+                load_file, name, data, limits.max_document_chars, limits.extract_timeout_seconds
+            ),
+            limiter=services.parsers if parsed_in_child(name) else None,
         )
         documents.append(NewDocument(loaded.text, loaded.name, "upload", loaded.title))
     return documents
