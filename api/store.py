@@ -362,6 +362,8 @@ class VectorStore:
                 # never be committed without them.
                 if len(chunks.get(ids=ids, include=[])["ids"]) < len(ids):
                     put_chunks()
+                    if not _committed(docs, doc.id):  # and the delete has since won
+                        chunks.delete(ids=ids)
             except Exception:
                 # Roll back, unless a concurrent writer has committed the same document.
                 if not _committed(docs, doc.id):
@@ -377,6 +379,8 @@ class VectorStore:
             chunks.delete(where={"doc_id": doc_id})
             if _committed(docs, doc_id):
                 # The same content was written again meanwhile, and its chunks may have
-                # gone with the delete: the delete wins, so no record is left without them.
+                # gone with the delete: the delete wins, and takes whatever chunks the
+                # writer put back with it (chunks without a record would crowd searches).
                 docs.delete(ids=[doc_id])
+                chunks.delete(where={"doc_id": doc_id})
             return True

@@ -285,6 +285,7 @@ def test_a_delete_racing_a_rewrite_of_the_same_content_leaves_no_empty_document(
         chunks.delete = real_delete
     assert client.get(f"/documents/{doc['id']}").status_code == 404
     assert _committed_without_chunks(client) == []
+    assert chunk_count(client, doc["id"]) == 0  # nor chunks without their record
 
 
 def test_a_write_whose_chunks_a_delete_removed_puts_them_back(client):
