@@ -208,6 +208,14 @@ class VectorStore:
                         )
                     else:
                         assert s.chroma_host is not None
+                        # The client's constructor calls the server before its calls can be
+                        # bounded: a server that does not answer this, within the bound,
+                        # is not given the chance to hold it (and this lock) forever.
+                        httpx.get(
+                            f"http://{s.chroma_host}:{s.chroma_port}/api/v2/heartbeat",
+                            timeout=s.chroma_timeout_seconds,
+                            trust_env=False,
+                        ).raise_for_status()
                         self._client = chromadb.HttpClient(
                             host=s.chroma_host, port=s.chroma_port, settings=chroma_settings
                         )
@@ -243,11 +251,10 @@ class VectorStore:
         except (StoreUnavailable, EmbeddingModelMismatch):
             raise
         except Exception as exc:
-            # A restarted server may have new collection ids: reconnect on the next call.
+            # A restarted server may have new collection ids: find them again on the next
+            # call. The client stays: its calls are bounded, a new one's first are not.
             with self._guard:
                 self._collections = None
-                if not self._settings.embedded_store:
-                    self._client = None
             raise StoreUnavailable(f"vector store {what} failed: {exc}") from exc
 
     def heartbeat(self) -> None:

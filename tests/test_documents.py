@@ -192,6 +192,10 @@ def test_a_chroma_that_stops_answering_is_a_503_and_not_a_hang(make_client, chro
             assert "rag_store_documents" not in scraped.text
             answer = c.post("/query", json={"question": "How cold is the freezer?"})
             assert answer.status_code == 503 and "timed out" in answer.json()["detail"]
+            # The failure made the store find its collections again on the next call:
+            # that, too, is bounded (a new client's first calls would not be).
+            again = c.post("/query", json={"question": "How warm is the freezer?"})
+            assert again.status_code == 503 and "timed out" in again.json()["detail"]
         finally:
             chroma_server.resume()
         wait_until(lambda: c.get("/ready").status_code == 200, 30, "ready again")
