@@ -10,6 +10,8 @@ content overwrites such leftovers (chunk ids derive from the content).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import os
 import threading
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import anyio
 import chromadb
 import httpx
 import numpy as np
@@ -111,13 +112,42 @@ def _bound_calls(client: ClientAPI, seconds: float) -> None:
     session.timeout = httpx.Timeout(seconds)
 
 
+MAX_PROBES = 4  # probe threads still waiting on the store, at most, per process
+_probes = threading.BoundedSemaphore(MAX_PROBES)
+
+
 async def probe(call: Callable[[], T]) -> T:
-    """`call` (a store call) in a thread, given up after PROBE_SECONDS: a probe or a scrape
-    answers without the store rather than waiting on it. The thread itself ends by
-    CHROMA_TIMEOUT_SECONDS."""
+    """`call` (a store call) in a thread of its own, given up after PROBE_SECONDS: a probe
+    or a scrape answers without the store rather than waiting on it. The thread itself
+    ends by CHROMA_TIMEOUT_SECONDS; while MAX_PROBES are still waiting, the next probe
+    answers at once instead of adding one more."""
+    if not _probes.acquire(blocking=False):
+        raise StoreUnavailable("vector store: earlier probes still have no answer")
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if answered.done():  # given up on
+            return
+        if error is not None:
+            answered.set_exception(error)
+        else:
+            answered.set_result(cast(T, result))
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = call()
+        except Exception as exc:  # handed to the waiting probe
+            error = exc
+        finally:
+            _probes.release()
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="store-probe", daemon=True).start()
     try:
-        with anyio.fail_after(PROBE_SECONDS):
-            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        return await asyncio.wait_for(answered, PROBE_SECONDS)  # cancelled when given up
     except TimeoutError:
         raise StoreUnavailable(f"vector store: no answer within {PROBE_SECONDS:g} s") from None
 

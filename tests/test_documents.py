@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.ingest import NewDocument, document_id
-from api.store import EmbeddedStoreBusy, EmbeddingModelMismatch, VectorStore
+from api.store import MAX_PROBES, EmbeddedStoreBusy, EmbeddingModelMismatch, VectorStore
 from tests.conftest import ROOT, make_settings, services_of
 from tests.files import HTML, MARKDOWN, pdf_bytes
 from tests.servers import wait_until
@@ -313,3 +315,20 @@ def test_a_write_whose_chunks_a_delete_removed_puts_them_back(client):
         docs.upsert = real_upsert
     assert doc["id"] == doc_id and chunk_count(client, doc_id) == doc["chunks"]
     assert _committed_without_chunks(client) == []
+
+
+def test_probes_of_a_frozen_store_do_not_pile_up_threads(make_client, chroma_server):
+    server = {"chroma_host": "127.0.0.1", "chroma_port": chroma_server.port}
+    with make_client(chroma_collection_prefix="piles", chroma_timeout_seconds=30, **server) as c:
+        chroma_server.pause()
+        try:
+            with ThreadPoolExecutor(12) as pool:  # a dozen probes at once, none answered
+                answers = list(pool.map(lambda _: c.get("/ready"), range(12)))
+            waiting = [t for t in threading.enumerate() if t.name == "store-probe"]
+            assert len(waiting) <= MAX_PROBES
+            details = {a.json()["dependencies"]["chroma"]["detail"] for a in answers}
+            assert all(a.status_code == 503 for a in answers)
+            assert any("earlier probes still have no answer" in d for d in details)
+        finally:
+            chroma_server.resume()
+        wait_until(lambda: c.get("/ready").status_code == 200, 60, "ready again")
