@@ -61,21 +61,8 @@ class RequestTelemetry:
         self._durations: dict[tuple[str, str, int], metrics.Series] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope["path"] in UNTRACKED:
-            started = False
-
-            async def watched(message: Message) -> None:
-                nonlocal started
-                started = started or message["type"] == "http.response.start"
-                await send(message)
-
-            try:
-                await self.app(scope, receive, watched)
-            except Exception:
-                await _failed(send, started)
+        if scope["type"] != "http" or scope["path"] in UNTRACKED:
+            await self.app(scope, receive, send)  # failures: main._last_resort answers
             return
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")

@@ -1,4 +1,4 @@
-"""Child processes this service starts (gunicorn, the local LLM, the span relay)."""
+"""Child processes this service starts (gunicorn, the local LLM, the span relay, Locust)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,21 @@ def die_with(parent: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # it died between the fork and the prctl
         os._exit(1)
+
+
+def start_supervised(
+    command: list[str], env: dict[str, str], cwd: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A child in a process group of its own, so a terminal's Ctrl-C reaches only this
+    process, which then stops it its own way; not reading the terminal (from a background
+    group a read would stop it); and stopped by the kernel if this process dies. The caller
+    must have no threads: the death signal is set between fork and exec."""
+    parent = os.getpid()
+    return subprocess.Popen(
+        command,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+        preexec_fn=lambda: die_with(parent),  # noqa: PLW1509  # see the docstring
+    )

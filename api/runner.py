@@ -105,19 +105,6 @@ def serve(settings: Settings) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    runner = os.getpid()
-    return subprocess.Popen(
-        command,
-        env=env,
-        stdin=subprocess.DEVNULL,  # from a background process group a read would stop it
-        process_group=0,
-        # Before exec, in the child: SIGTERM when the runner dies, however it dies. The
-        # runner has no threads, which is what makes a preexec_fn safe.
-        preexec_fn=lambda: processes.die_with(runner),  # noqa: PLW1509
-    )
-
-
 def _supervise(settings: Settings, env: dict[str, str]) -> int:
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -137,7 +124,7 @@ def _supervise(settings: Settings, env: dict[str, str]) -> int:
             # MODEL...): ours would override its command line, so it gets a bare one.
             keep = ("PATH", "HOME", "LANG", "TMPDIR")
             bare = {k: v for k, v in os.environ.items() if k in keep}
-            llm = _start(llm_server_command(settings, model), bare)
+            llm = processes.start_supervised(llm_server_command(settings, model), bare)
             children.append(llm)
             if _wait_for_llm(llm, base_url, lambda: stopping):
                 log.info("local LLM ready", model=model.name, url=base_url)
@@ -147,7 +134,7 @@ def _supervise(settings: Settings, env: dict[str, str]) -> int:
             env.update(LLM_BASE_URL=base_url, LLM_GGUF=str(model))
         if stopping:
             return 0
-        children.insert(0, _start(gunicorn_command(), env))
+        children.insert(0, processes.start_supervised(gunicorn_command(), env))
         while not stopping and all(c.poll() is None for c in children):
             time.sleep(0.2)
         return 0 if stopping else 1

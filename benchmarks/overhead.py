@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from benchmarks.wrk import wrk
-from tests.servers import ApiServer, RedisServer
+from tests.servers import ApiServer, RedisServer, descendants, parent
 
 QUESTION: dict[str, object] = {"question": "How do I restore a backup?"}
 RELAY_SETTLE_S = 5.5
@@ -66,26 +66,6 @@ def _server(tmp: Path, name: str, redis_url: str, env: dict[str, str]) -> ApiSer
     )
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and all its descendants."""
-    parents: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = _parent(int(proc.name))
-            except (OSError, ValueError):
-                continue
-    found, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
-
-
 def _pin(pid: int, cpus: set[int]) -> None:
     """Every thread of `pid`: on Linux, affinity belongs to a thread, not a process (a
     worker's flusher and span sender threads exist before the benchmark sees it)."""
@@ -105,7 +85,7 @@ def _under_master(server: ApiServer, command: bytes) -> list[int]:
             if (
                 proc.name.isdigit()
                 and command in (proc / "cmdline").read_bytes()
-                and _parent(_parent(int(proc.name))) == server.proc.pid
+                and parent(parent(int(proc.name))) == server.proc.pid
             ):
                 found.append(int(proc.name))
         except (OSError, ValueError):
@@ -221,7 +201,7 @@ def _measure(  # noqa: PLR0917
                     for name, server in servers.items():
                         assert workers[name], "no gunicorn worker found"
                         assert server.proc is not None
-                        for pid in _tree(server.proc.pid):
+                        for pid in [server.proc.pid, *descendants(server.proc.pid)]:
                             _pin(pid, workers_cpu if pid in workers[name] else others)
                     relays = {name: _relay_pid(server) for name, server in servers.items()}
                     for name in ("on", "sampled"):  # the two that export

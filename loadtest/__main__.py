@@ -216,17 +216,9 @@ def _run_locust(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
     group of its own, so a Ctrl-C reaches this process only, which then asks Locust to
     stop (SIGTERM: it stops its users and writes what it measured) and waits for it; the
     kernel stops Locust if this process is killed outright."""
-    parent = os.getpid()
-    locust = subprocess.Popen(
-        command,
-        env=env,
-        cwd=HERE.parent,
-        # Not the terminal: Locust's key listener would put it in cbreak mode, and from a
-        # background process group that stops it (SIGTTOU).
-        stdin=subprocess.DEVNULL,
-        process_group=0,
-        preexec_fn=lambda: processes.die_with(parent),  # noqa: PLW1509  # no threads here
-    )
+    # Not the terminal either: Locust's key listener would put it in cbreak mode, which
+    # from a background process group stops it (SIGTTOU).
+    locust = processes.start_supervised(command, env, cwd=str(HERE.parent))
     try:
         return locust.wait(), False
     except KeyboardInterrupt:

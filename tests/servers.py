@@ -246,7 +246,7 @@ class ApiServer(Process):
         tree = descendants(self.proc.pid) if self.proc and self.proc.poll() is None else []
         super().stop(sig, timeout)
         deadline = time.monotonic() + timeout
-        while (alive := [p for p in tree if _running(p)]) and time.monotonic() < deadline:
+        while (alive := [p for p in tree if running(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
@@ -261,30 +261,48 @@ class ApiServer(Process):
         )
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, by ancestry in /proc."""
-    parents: dict[int, int] = {}
+def parent(pid: int) -> int:
+    """`pid`'s parent, from /proc (OSError if it is gone)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _parents() -> dict[int, int]:
+    found: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            with contextlib.suppress(OSError, ValueError):
+                found[int(entry.name)] = parent(int(entry.name))
+    return found
+
+
+def children(pid: int) -> list[int]:
+    return [child for child, of in _parents().items() if of == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, by ancestry in /proc."""
+    parents = _parents()
     found: list[int] = []
     frontier = [pid]
     while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
+        frontier = [child for child, of in parents.items() if of in frontier]
         found += frontier
     return found
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Alive and not a zombie."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 _STACK_PORTS = (

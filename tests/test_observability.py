@@ -25,7 +25,7 @@ from api.telemetry import flusher
 from api.telemetry.logs import add_timestamp
 from tests.conftest import CORPUS_DIR
 from tests.otlp import OtlpReceiver
-from tests.servers import ApiServer, RedisServer, wait_until
+from tests.servers import ApiServer, RedisServer, children, wait_until
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 
@@ -50,7 +50,7 @@ class Stack:
 
     def _under_master(self) -> list[int]:
         assert self.process.proc is not None  # the runner; the master is its child
-        return [pid for master in _children(self.process.proc.pid) for pid in _children(master)]
+        return [pid for master in children(self.process.proc.pid) for pid in children(master)]
 
     def metrics(self, openmetrics: bool = False) -> dict[str, list]:
         accept = "application/openmetrics-text" if openmetrics else "text/plain"
@@ -93,19 +93,6 @@ class Stack:
             if {served[r] for r in mine} == workers:
                 return sent
         raise AssertionError(f"{most} requests, and not every worker of {workers} answered one")
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.fixture(scope="module")

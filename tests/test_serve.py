@@ -16,7 +16,17 @@ import httpx
 import pytest
 
 from tests.conftest import CORPUS_DIR, MODEL_DIR
-from tests.servers import ROOT, ApiServer, ChromaServer, RedisServer, free_port, wait_until
+from tests.servers import (
+    ROOT,
+    ApiServer,
+    ChromaServer,
+    RedisServer,
+    children,
+    cmdline,
+    free_port,
+    running,
+    wait_until,
+)
 
 
 def serve(tmp_path: Path, name: str, **env: str) -> tuple[ApiServer, str]:
@@ -174,27 +184,6 @@ def test_cli_refuses_an_embedded_store_held_by_a_server(tmp_path):
     assert "in use by pid" in run.stderr
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_workers_go_when_their_master_is_killed(tmp_path):
     """SIGKILL leaves gunicorn no time to stop its workers; left alone they would go on
     serving on the port, and a master started again could not bind it."""
@@ -202,24 +191,17 @@ def test_workers_go_when_their_master_is_killed(tmp_path):
     workers: list[int] = []
     try:
         assert process.proc is not None
-        (master,) = [p for p in _children(process.proc.pid) if b"gunicorn" in _cmdline(p)]
-        workers = [p for p in _children(master) if b"gunicorn" in _cmdline(p)]
+        (master,) = [p for p in children(process.proc.pid) if b"gunicorn" in cmdline(p)]
+        workers = [p for p in children(master) if b"gunicorn" in cmdline(p)]
         assert workers and httpx.get(f"{base}/health").status_code == 200
         os.kill(master, signal.SIGKILL)
-        wait_until(lambda: not any(_alive(w) for w in workers), 60, "workers gone")
+        wait_until(lambda: not any(running(w) for w in workers), 60, "workers gone")
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/health", timeout=5)
     finally:
         process.stop()
-        for worker in filter(_alive, workers):  # if this test failed, it leaves no orphan
+        for worker in filter(running, workers):  # if this test failed, it leaves no orphan
             os.kill(worker, signal.SIGKILL)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def test_a_reload_on_the_embedded_store_waits_for_the_old_worker(tmp_path):
@@ -228,8 +210,8 @@ def test_a_reload_on_the_embedded_store_waits_for_the_old_worker(tmp_path):
     process, base = serve(tmp_path, "reload", INGEST_ON_START="false")
     try:
         assert process.proc is not None
-        (master,) = [p for p in _children(process.proc.pid) if b"gunicorn" in _cmdline(p)]
-        (old,) = [p for p in _children(master) if b"gunicorn" in _cmdline(p)]
+        (master,) = [p for p in children(process.proc.pid) if b"gunicorn" in cmdline(p)]
+        (old,) = [p for p in children(master) if b"gunicorn" in cmdline(p)]
         # Hundreds of chunks to embed: the old worker is busy for seconds.
         text = " ".join(f"Line {i} of the long runbook about replica {i % 7}." for i in range(1500))
         result: list[httpx.Response] = []
@@ -250,14 +232,14 @@ def test_a_reload_on_the_embedded_store_waits_for_the_old_worker(tmp_path):
         upload.join(timeout=300)
         assert result and result[0].status_code == 200, result
         wait_until(
-            lambda: [p for p in _children(master) if b"gunicorn" in _cmdline(p)] not in ([], [old]),
+            lambda: [p for p in children(master) if b"gunicorn" in cmdline(p)] not in ([], [old]),
             120,
             "the new worker",
         )
         wait_until(lambda: httpx.get(f"{base}/ready").status_code == 200, 120, "ready")
         listed = httpx.get(f"{base}/documents", timeout=30).json()
         assert [d["source"] for d in listed["documents"]] == ["long.txt"]
-        assert not _alive(old) and process.alive()
+        assert not running(old) and process.alive()
     finally:
         process.stop()
 
@@ -285,30 +267,30 @@ def test_a_sigterm_while_the_local_llm_loads_stops_it_too(tmp_path):
     try:
 
         def llm_started() -> bool:  # its command line, once exec has replaced the fork's
-            return any(b"llama_cpp.server" in _cmdline(p) for p in _children(runner.pid))
+            return any(b"llama_cpp.server" in cmdline(p) for p in children(runner.pid))
 
         wait_until(llm_started, 60, "the LLM started")
-        started += _children(runner.pid)
+        started += children(runner.pid)
         (llm,) = started
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=60) == 0
-        wait_until(lambda: not _alive(llm), 30, "the LLM gone")
+        wait_until(lambda: not running(llm), 30, "the LLM gone")
     finally:
         runner.kill()
         runner.wait()
-        for child in filter(_alive, started):  # if this test failed, it leaves no orphan
+        for child in filter(running, started):  # if this test failed, it leaves no orphan
             os.kill(child, signal.SIGKILL)
 
 
 def test_a_runner_killed_outright_takes_its_children_with_it(tmp_path):
     process, base = serve(tmp_path, "killed-runner")
     assert process.proc is not None
-    children = _children(process.proc.pid)
-    assert children and httpx.get(f"{base}/health").status_code == 200
+    kids = children(process.proc.pid)
+    assert kids and httpx.get(f"{base}/health").status_code == 200
     try:
         os.kill(process.proc.pid, signal.SIGKILL)  # no handler runs: the kernel tells them
-        wait_until(lambda: not any(map(_alive, children)), 60, "gunicorn gone")
+        wait_until(lambda: not any(map(running, kids)), 60, "gunicorn gone")
     finally:
         process.stop()
-        for child in filter(_alive, children):
+        for child in filter(running, kids):
             os.kill(child, signal.SIGKILL)
