@@ -205,9 +205,8 @@ def down(topology: Topology, timeout: float | None = None) -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            if topology.nginx_temp_dir.parent != topology.stack_dir / "nginx":
-                # Outside STACK_DIR (the stack ran as root): nginx's spilled bodies go too.
-                shutil.rmtree(topology.nginx_temp_dir, ignore_errors=True)
+            # nginx's spilled bodies, wherever they are (outside STACK_DIR as root).
+            shutil.rmtree(topology.nginx_temp_dir, ignore_errors=True)
             return True
         time.sleep(0.2)
     raise StackError(f"supervisord (pid {pid}) did not stop within {timeout:.0f}s")

@@ -481,15 +481,11 @@ def _own_temp_dir(path: Path) -> None:
     under a directory they cannot enter (/root is 0700). So, as root, they live in a
     directory of the system's temp dir that belongs to the worker user, and only to it."""
     path.mkdir(mode=0o700, exist_ok=True)
-    found = path.lstat()
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid not in (0, _worker_uid()):
+    found, worker = path.lstat(), pwd.getpwnam(NGINX_WORKER_USER).pw_uid
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid not in (0, worker):
         raise SystemExit(f"{path} exists and is not ours: remove it, or set STACK_DIR")
-    os.chown(path, _worker_uid(), -1)
+    os.chown(path, worker, -1)
     path.chmod(0o700)
-
-
-def _worker_uid() -> int:
-    return pwd.getpwnam(NGINX_WORKER_USER).pw_uid
 
 
 def render(topology: Topology) -> None:
