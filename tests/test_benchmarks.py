@@ -10,12 +10,12 @@ from benchmarks import components, overhead, stack
 
 def test_the_overhead_benchmark_measures_every_server_and_the_relay():
     result = overhead.measure(rounds=1, seconds=1, concurrency=2)
-    rates = ("on_rps", "sampled_rps", "ids_rps", "off_rps", "off_again_rps")
+    rates = ("on_rps", "sampled_rps", "ids_rps", "off_rps", "logs_rps", "off_again_rps")
     assert min(result[name] for name in rates) > 0
     relay = result["relay_us_per_request"]
     assert relay["on"] > 0  # the relay was found, and it did work
     # Only the exporting servers have a relay (a 1 s run at 10% may not cost it a tick).
-    assert relay["ids"] == relay["off"] == relay["off, again"] == 0
+    assert relay["ids"] == relay["off"] == relay["logs"] == relay["off, again"] == 0
 
 
 def test_the_stack_benchmark_measures_both_endpoints_through_nginx():
