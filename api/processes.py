@@ -1,4 +1,5 @@
-"""Child processes this service starts (gunicorn, the local LLM, the span relay, Locust)."""
+"""Child processes this service starts (gunicorn, the local LLM, the span relay, Locust),
+and the environment they inherit."""
 
 from __future__ import annotations
 
@@ -6,8 +7,26 @@ import ctypes
 import os
 import signal
 import subprocess
+from collections.abc import MutableMapping
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def loopback_without_proxy(env: MutableMapping[str, str] = os.environ) -> None:
+    """Exempt this host's loopback from any proxy set in the environment (HTTP_PROXY and
+    kin), for this process and every child it starts. The local LLM, Chroma, the span
+    relay's collector and the stack's health checks are all on 127.0.0.1, and a proxy
+    cannot reach them: its loopback is its own. httpx, requests and urllib (chromadb's
+    client, the LLM client, the OTLP exporter, Locust) send loopback calls to the proxy
+    unless NO_PROXY names them, so it does. A NO_PROXY of "*" already exempts all."""
+    if not any(env.get(name) or env.get(name.lower()) for name in _PROXIES):
+        return
+    for name in ("NO_PROXY", "no_proxy"):
+        given = [host.strip() for host in env.get(name, "").split(",") if host.strip()]
+        if "*" not in given:
+            env[name] = ",".join([*given, *(h for h in LOOPBACK_HOSTS if h not in given)])
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float) -> None:

@@ -283,7 +283,7 @@ def report(result: dict[str, Any]) -> None:
         f"({result['overhead_ids'] * 100:.1f}% fewer than off)"
     )
     print(
-        f"  access log only: {result['logs_rps']:6.1f} req/s (issue 4's \"off\": on is "
+        f"  access log only: {result['logs_rps']:6.1f} req/s (off as issue 4 defines it; on is "
         f"{result['overhead_against_logs'] * 100:.1f}% fewer than this)"
     )
     print(

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from api import processes
 from deployment.topology import HOST, STOP_WAIT_SECONDS, Topology, render
 
 BINARIES = (
@@ -230,6 +231,7 @@ Stop it with `make stack-down`.""")
 
 
 def main(argv: list[str] | None = None) -> int:
+    processes.loopback_without_proxy()  # the health checks, and every program started
     parser = argparse.ArgumentParser(prog="python -m deployment.stack")
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -361,3 +362,43 @@ def route_count(topology: Topology, route: str) -> dict[str, float]:
             and sample.labels.get("http_route") == route
         )
     return counts
+
+
+class RefusingProxy:
+    """A forward proxy that helps no one: it answers every request with 502 and keeps the
+    request lines it was sent, so a test can show nothing was routed through it."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.requests: list[str] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._sock.close()
+        self._thread.join(5)
+
+    def environment(self) -> dict[str, str]:
+        """Every proxy variable pointing here, and no exemptions of the caller's own."""
+        names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+        return {
+            **dict.fromkeys(names, self.url),
+            **{name.lower(): self.url for name in names},
+            "NO_PROXY": "",
+            "no_proxy": "",
+        }
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    self.requests.append(conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1"))
+                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")

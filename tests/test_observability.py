@@ -25,7 +25,7 @@ from api.telemetry import flusher
 from api.telemetry.logs import add_timestamp
 from tests.conftest import CORPUS_DIR
 from tests.otlp import OtlpReceiver
-from tests.servers import ApiServer, RedisServer, children, wait_until
+from tests.servers import ApiServer, RedisServer, RefusingProxy, children, wait_until
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 
@@ -35,6 +35,7 @@ class Stack:
     base: str
     process: ApiServer
     otlp: OtlpReceiver
+    proxy: RefusingProxy
 
     def workers(self) -> set[int]:
         """The gunicorn workers: the master's children, apart from its span relay."""
@@ -102,6 +103,11 @@ def stack(tmp_path_factory, chroma_server, llm_server) -> Iterator[Stack]:
     redis_server.start()
     otlp = OtlpReceiver()
     otlp.start()
+    # Configured as an engineer behind a corporate proxy would have it: every proxy
+    # variable set and no exemptions. Everything this stack calls is on 127.0.0.1, which no
+    # proxy can reach; test_loopback_calls_never_go_through_a_proxy checks it was not used.
+    proxy = RefusingProxy()
+    proxy.start()
     process = ApiServer(
         tmp,
         "observed",
@@ -119,9 +125,10 @@ def stack(tmp_path_factory, chroma_server, llm_server) -> Iterator[Stack]:
         OTEL_SERVICE_NAME="rag-api-test",
         OTEL_TRACES_SAMPLER="always_on",
         OTEL_SDK_DISABLED="false",
+        **proxy.environment(),
     )
     base = process.base
-    stack = Stack(base, process, otlp)
+    stack = Stack(base, process, otlp, proxy)
     try:
         process.start()
         # Both workers up and reporting before any test counts on them.
@@ -140,6 +147,7 @@ def stack(tmp_path_factory, chroma_server, llm_server) -> Iterator[Stack]:
         process.stop()
         otlp.stop()
         redis_server.stop()
+        proxy.stop()
 
 
 def _value(samples: list, name: str, **labels: str) -> float:
@@ -297,6 +305,24 @@ def test_one_query_is_one_trace_continuing_the_callers(stack: Stack) -> None:
     assert line["trace_id"] == trace_id and line["route"] == "/query" and line["status"] == 200
     assert line["cached"] is False and line["level"] == "info" and "timestamp" in line
     assert "span_id" in line and "duration_ms" in line
+
+
+def test_loopback_calls_never_go_through_a_proxy(stack: Stack) -> None:
+    """The stack serves with HTTP_PROXY, HTTPS_PROXY and ALL_PROXY set and NO_PROXY empty:
+    Chroma, the LLM and the OTLP collector on 127.0.0.1 are still called directly."""
+    trace_id = secrets.token_hex(16)
+    response = httpx.post(
+        f"{stack.base}/query",
+        json={"question": f"Which port does the stack's Prometheus use? ({secrets.token_hex(4)})"},
+        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+        timeout=60,
+    )
+    assert response.status_code == 200
+    assert response.json()["cached"] is False and response.json()["generator"] == "openai"
+    stack.otlp.wait_for(lambda: any(s.kind == SERVER for s in stack.otlp.trace(trace_id)))
+    ready = httpx.get(f"{stack.base}/ready", timeout=10).json()["dependencies"]
+    assert ready["chroma"]["status"] == ready["llm"]["status"] == "ok"
+    assert stack.proxy.requests == []
 
 
 def test_an_unknown_method_mints_no_series(stack: Stack) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api import processes
 from tests.conftest import CORPUS_DIR, MODEL_DIR
 from tests.servers import (
     ROOT,
@@ -136,6 +137,30 @@ def run_cli(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProce
             **env,
         },
     )
+
+
+LOOPBACK = "localhost,127.0.0.1,::1"
+
+
+@pytest.mark.parametrize(
+    ("given", "exempt"),
+    [
+        ({}, {}),  # no proxy: the environment is left as it is
+        ({"HTTPS_PROXY": "http://proxy:3128"}, {"NO_PROXY": LOOPBACK, "no_proxy": LOOPBACK}),
+        (
+            {"http_proxy": "http://proxy:3128", "NO_PROXY": "example.com, 127.0.0.1"},
+            {"NO_PROXY": "example.com,127.0.0.1,localhost,::1", "no_proxy": LOOPBACK},
+        ),
+        ({"ALL_PROXY": "socks5://proxy", "no_proxy": "*"}, {"NO_PROXY": LOOPBACK, "no_proxy": "*"}),
+    ],
+)
+def test_loopback_is_exempt_from_a_configured_proxy(given, exempt):
+    env = dict(given)
+    processes.loopback_without_proxy(env)
+    assert {k: v for k, v in env.items() if k.lower() == "no_proxy"} == exempt
+    assert {k: v for k, v in env.items() if k.lower() != "no_proxy"} == {
+        k: v for k, v in given.items() if k.lower() != "no_proxy"
+    }
 
 
 def test_a_bad_setting_is_named_and_nothing_starts(tmp_path):
