@@ -87,6 +87,12 @@ class Topology:
             redis_exporter_port=_port(env, "REDIS_EXPORTER_PORT", 9121),
             stack_dir=Path(env.get("STACK_DIR", str(ROOT / "var"))).resolve(),
         )
+        last = topology.replica_port(topology.replicas)
+        if last > 65535:
+            raise SystemExit(
+                f"API_PORT={topology.api_port} with REPLICAS={topology.replicas}: the replicas "
+                f"take ports {topology.api_port}-{last}, past 65535"
+            )
         ports = topology.ports()
         clashes = {p for p in ports.values() if list(ports.values()).count(p) > 1}
         if clashes:

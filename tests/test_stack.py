@@ -303,6 +303,9 @@ def test_templates_refuse_missing_values_and_ports_must_not_clash() -> None:
         Topology.from_env({"NGINX_PORT": "9090"})
     with pytest.raises(SystemExit, match="REPLICAS"):
         Topology.from_env({"REPLICAS": "0"})
+    with pytest.raises(SystemExit, match="past 65535"):
+        Topology.from_env({"API_PORT": "65535", "REPLICAS": "2"})
+    assert Topology.from_env({"API_PORT": "65534", "REPLICAS": "2"}).replica_port(2) == 65535
 
 
 def test_the_cli_names_a_busy_port_and_changes_nothing(topology: Topology, tmp_path: Path) -> None:
