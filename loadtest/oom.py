@@ -299,31 +299,32 @@ def find(
 ) -> dict[str, Any]:
     """`until_kill`: do not stop at 85% of the limit, go on until the OOM killer strikes.
     `keep`: leave the replica's log and data in the work directory (named in the result)."""
+    group = MemoryGroup(limit_bytes)  # first: it is what fails on a host without cgroup v1
     workdir = Path(tempfile.mkdtemp(prefix="rag-oom-"))
-    group = MemoryGroup(limit_bytes)
-    chroma_port = _free_port()
-    chroma = subprocess.Popen(
-        [
-            "env",
-            "-i",
-            f"PATH={os.environ['PATH']}",
-            "ANONYMIZED_TELEMETRY=False",
-            str(Path(sys.executable).parent / "chroma"),
-            "run",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(chroma_port),
-            "--path",
-            str(workdir / "chroma"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    chroma: subprocess.Popen[bytes] | None = None
     replica: subprocess.Popen[bytes] | None = None
     samples: list[tuple[float, int]] = []
     try:
+        chroma_port = _free_port()
+        chroma = subprocess.Popen(
+            [
+                "env",
+                "-i",
+                f"PATH={os.environ['PATH']}",
+                "ANONYMIZED_TELEMETRY=False",
+                str(Path(sys.executable).parent / "chroma"),
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(chroma_port),
+                "--path",
+                str(workdir / "chroma"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         replica, base, log = _start_replica(group, workdir, workers, chroma_port)
         if not _wait_ready(base, 180):
             raise OomError(
@@ -381,8 +382,9 @@ def find(
             except subprocess.TimeoutExpired:
                 os.killpg(replica.pid, signal.SIGKILL)
         group.remove()
-        chroma.terminate()
-        chroma.wait(30)
+        if chroma is not None:
+            chroma.terminate()
+            chroma.wait(30)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     safe = [s for s in done if s is not breaking]
