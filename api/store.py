@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 import chromadb
 import httpx
 import numpy as np
+import structlog
 from chromadb.api import ClientAPI
 from chromadb.api.models.Collection import Collection
 from chromadb.config import Settings as ChromaSettings
@@ -32,11 +33,21 @@ from chromadb.config import Settings as ChromaSettings
 from api.config import Settings
 from api.embeddings import Vectors
 
+log = structlog.get_logger(__name__)
+
 Metadata = dict[str, str | int | float | bool]
 USER_PREFIX = "meta_"
 # How long a readiness probe or a scrape waits for the store before answering without it.
 PROBE_SECONDS = 2.0
 T = TypeVar("T")
+
+
+def _kind(exc: Exception) -> str:
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return "timed out"
+    if isinstance(exc, httpx.TransportError | ConnectionError):
+        return "unreachable"
+    return f"error ({type(exc).__name__})"
 
 
 class StoreUnavailable(RuntimeError):
@@ -285,7 +296,10 @@ class VectorStore:
             # call. The client stays: its calls are bounded, a new one's first are not.
             with self._guard:
                 self._collections = None
-            raise StoreUnavailable(f"vector store {what} failed: {exc}") from exc
+            # The client hears what kind of failure; the cause's own text (addresses, the
+            # server's messages) goes to the log.
+            log.warning("vector store call failed", call=what, error=str(exc) or repr(exc))
+            raise StoreUnavailable(f"vector store {what} failed: {_kind(exc)}") from exc
 
     def heartbeat(self) -> None:
         with self._call("heartbeat"):
