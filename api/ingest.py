@@ -20,7 +20,7 @@ from api.cache import Cache
 from api.chunking import chunk_text
 from api.config import Settings
 from api.embeddings import Embedder, Vectors
-from api.loaders import SUPPORTED_SUFFIXES, UnreadableDocument, load_file
+from api.loaders import SUPPORTED_SUFFIXES, UnreadableDocument, load_file, printable
 from api.store import StoredDocument, VectorStore
 from api.telemetry import metrics
 
@@ -180,6 +180,10 @@ class Ingestor:
         return deleted
 
     def ingest_file(self, path: Path, source: str, origin: str) -> IngestResult:
+        if printable(source) != source:  # the store could not hold it, nor a response
+            raise UnreadableDocument(
+                f"{printable(source)}: the file name is not valid UTF-8; rename the file"
+            )
         limits = self._settings
         loaded = load_file(
             path.name, path.read_bytes(), limits.max_document_chars, limits.extract_timeout_seconds
@@ -206,7 +210,7 @@ class Ingestor:
                 result = self.ingest_file(path, source, DIRECTORY_ORIGIN)
             except (UnreadableDocument, EmptyDocument, OSError) as exc:
                 telemetry.count(metrics.INGESTED, result="rejected")
-                errors[source] = str(exc)
+                errors[printable(source)] = str(exc)
                 if source in known:
                     keep.add(known[source])
                 continue

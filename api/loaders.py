@@ -13,6 +13,7 @@ SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".html", ".htm")
 PARSED_IN_CHILD = (".pdf", ".html", ".htm")
 MAX_PARSERS = 2  # children parsing at once per process: each may take its memory cap
 MAX_TITLE_CHARS = 512
+MAX_NAME_CHARS = 512  # as a `source` given in JSON may be (api/schemas.py)
 
 
 class UnsupportedFileType(ValueError):
@@ -30,6 +31,18 @@ class LoadedText:
     title: str
 
 
+def printable(name: str) -> str:
+    """`name` as valid Unicode: a file name that is not UTF-8 reaches Python with its bad
+    bytes as lone surrogates, which no JSON response, log line or Chroma record can hold;
+    they become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _one_line(text: str) -> str:
+    """One line, and no longer than a title given in JSON may be (api/schemas.py)."""
+    return " ".join(text.split())[:MAX_TITLE_CHARS]
+
+
 def parsed_in_child(filename: str) -> bool:
     return PurePosixPath(filename.replace("\\", "/")).suffix.lower() in PARSED_IN_CHILD
 
@@ -40,8 +53,12 @@ def load_file(
     """Text and title of an uploaded file; `name` is reduced to its last path part. PDF
     and HTML are parsed in a child process (api/extract.py) that is killed after
     `timeout` seconds."""
-    name = PurePosixPath(filename.replace("\\", "/")).name or "upload"
+    name = printable(PurePosixPath(filename.replace("\\", "/")).name) or "upload"
     suffix = PurePosixPath(name).suffix.lower()
+    if len(name) > MAX_NAME_CHARS:
+        raise UnreadableDocument(
+            f"{name[:64]}...: a file name longer than {MAX_NAME_CHARS} characters"
+        )
     if suffix not in SUPPORTED_SUFFIXES:
         raise UnsupportedFileType(
             f"{name}: unsupported file type {suffix or '(none)'}; "
@@ -60,8 +77,11 @@ def load_file(
         raise UnreadableDocument(f"{name}: no text found in the document")
     if len(text) > max_chars:
         raise UnreadableDocument(f"{name}: longer than {max_chars} characters of text")
-    # One line, and no longer than a title given in JSON may be (api/schemas.py).
-    title = " ".join((title or "").split())[:MAX_TITLE_CHARS] or stem
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a PDF's character map can decode to lone surrogates
+        raise UnreadableDocument(f"{name}: the text is not valid Unicode") from None
+    title = _one_line(printable(title or "")) or _one_line(stem)
     return LoadedText(name=name, text=text, title=title)
 
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from api.telemetry import flusher
 from tests.conftest import services_of
-from tests.files import MARKDOWN, pdf_bytes, slow_pdf
+from tests.files import MARKDOWN, pdf_bytes, slow_pdf, surrogate_pdf
 
 GOOD = {"text": "The deploy freeze starts on the 20th of December.", "source": "freeze.txt"}
 
@@ -167,6 +167,18 @@ UPLOAD_CASES = {
         "larger than",
     ),
     "wrong field name": ([("upload", ("coffee.md", MARKDOWN, "text/markdown"))], 422, "files"),
+    # pypdf hands on what a font's character map says, lone surrogates too: no response,
+    # log line or Chroma record can hold them.
+    "pdf text that is not unicode": (
+        [GOOD_FILE, ("files", ("cmap.pdf", surrogate_pdf(), "application/pdf"))],
+        422,
+        "not valid Unicode",
+    ),
+    "file name too long": (
+        [GOOD_FILE, ("files", ("n" * 600 + ".txt", b"hello", "text/plain"))],
+        422,
+        "longer than 512",
+    ),
 }
 
 

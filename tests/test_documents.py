@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from api.ingest import NewDocument, document_id
 from api.store import MAX_PROBES, EmbeddedStoreBusy, EmbeddingModelMismatch, VectorStore
 from tests.conftest import ROOT, make_settings, services_of
-from tests.files import HTML, MARKDOWN, pdf_bytes
+from tests.files import HTML, MARKDOWN, pdf_bytes, surrogate_pdf
 from tests.servers import wait_until
 
 LONG = " ".join(
@@ -131,6 +132,30 @@ def test_reload_follows_the_documents_folder(make_client, tmp_path):
         ingest(client, {"text": "API-only document.", "source": "api.txt"})
         assert client.post("/documents/reload").json()["removed"] == []
         assert client.get("/documents").json()["total"] == 3
+
+
+def test_files_no_response_can_name_are_reported_and_the_rest_ingested(make_client, tmp_path):
+    """A PDF whose text is not valid Unicode, and a file whose name is not UTF-8: each is
+    an error of its own, on the first start's ingest as on a reload, and the files beside
+    them are ingested. Before, either one failed the whole reload (a 500, or a 503 from
+    Chroma refusing the name), and on a first start stopped the worker from booting."""
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "good.md").write_text("# Good\n\nThe good file is ingested.")
+    (folder / "cmap.pdf").write_bytes(surrogate_pdf())
+    latin1 = os.fsencode(folder) + b"/caf\xe9.txt"  # "café" in Latin-1: not UTF-8
+    with open(latin1, "wb") as handle:
+        handle.write(b"Named in Latin-1.")
+    with make_client(ingest_on_start=True) as client:
+        listed = client.get("/documents").json()
+        assert [d["source"] for d in listed["documents"]] == ["good.md"]
+        report = client.post("/documents/reload")
+        assert report.status_code == 200
+        errors = report.json()["errors"]
+        assert set(errors) == {"caf\ufffd.txt", "cmap.pdf"}
+        assert "not valid UTF-8" in errors["caf\ufffd.txt"]
+        assert "not valid Unicode" in errors["cmap.pdf"]
+        assert report.json()["unchanged"] == 1
 
 
 def test_a_failed_write_leaves_no_partial_document(client, monkeypatch):
