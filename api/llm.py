@@ -4,6 +4,7 @@ Ollama, OpenAI), streamed token by token."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -93,26 +94,46 @@ class OpenAIGenerator:
 
     async def _deltas(self, response: httpx.Response, usage: Usage) -> AsyncIterator[str]:
         produced = 0
+        finished = False
         try:
             async for event in EventSource(response).aiter_sse():
                 if event.data == "[DONE]":
+                    finished = True
                     break
                 chunk: dict[str, Any] = json.loads(event.data)
+                if "error" in chunk:
+                    # How OpenAI-compatible servers (vLLM, OpenAI) report a failure after
+                    # the answer began; the answer so far is cut short, not complete.
+                    log.warning("llm server failed mid-answer", detail=str(chunk["error"])[:300])
+                    raise GeneratorUnavailable(f"LLM server {self._shown} failed mid-answer")
                 if reported := chunk.get("usage"):
                     usage.prompt_tokens = int(reported.get("prompt_tokens", usage.prompt_tokens))
                     usage.completion_tokens = int(reported.get("completion_tokens", produced))
                 for choice in chunk.get("choices") or []:
+                    finished = finished or bool(choice.get("finish_reason"))
                     if text := (choice.get("delta") or {}).get("content"):
                         if not isinstance(text, str):
                             raise TypeError(f"content is {type(text).__name__}, not text")
                         produced += 1
                         usage.completion_tokens = max(usage.completion_tokens, produced)
-                        yield text
+                        yield _whole_characters(text)
         except httpx.HTTPError as exc:
             raise GeneratorUnavailable(f"LLM stream from {self._shown} broke: {exc!r}") from exc
         # Valid JSON in the wrong shape (a list, a string, a number where an object or text
-        # belongs) is as malformed as invalid JSON: the server is at fault, not this one.
-        except (ValueError, TypeError, AttributeError) as exc:
+        # belongs, a count past any integer) is as malformed as invalid JSON: the server is
+        # at fault, not this one.
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise GeneratorUnavailable(f"LLM server sent a malformed event: {exc}") from exc
         finally:
             await response.aclose()
+        if not finished:  # neither [DONE] nor a finish reason: the answer was cut short
+            raise GeneratorUnavailable(f"LLM stream from {self._shown} ended mid-answer")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, only ever a half of a pair
+
+
+def _whole_characters(text: str) -> str:
+    """A server that splits a surrogate pair between two events (JSON escapes each half)
+    would hand on halves no response or cache record can hold: they become U+FFFD."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)

@@ -244,8 +244,16 @@ class _Misbehaving(BaseHTTPRequestHandler):
         self.send_header("content-type", "text/event-stream")
         self.end_headers()
         self.wfile.write(b'data: {"choices": [{"delta": {"content": "Fine"}}]}\n\n')
-        self.wfile.write(b"data: [1, 2, 3]\n\n")  # JSON, but not an object
-        self.wfile.write(b"data: [DONE]\n\n")
+        if self.mode == "shape":
+            self.wfile.write(b"data: [1, 2, 3]\n\n")  # JSON, but not an object
+        elif self.mode == "failed":  # how vLLM and OpenAI say the answer broke off
+            self.wfile.write(b'data: {"error": {"message": "engine died", "code": 500}}\n\n')
+        elif self.mode == "split":  # a surrogate pair split between two events
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": " \\ud83d"}}]}\n\n')
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": "\\ude00"}}]}\n\n')
+            self.wfile.write(b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n')
+        if self.mode != "cut":  # "cut": the stream just ends, with neither [DONE] nor a reason
+            self.wfile.write(b"data: [DONE]\n\n")
 
     def log_message(self, *args: object) -> None:
         pass
@@ -295,3 +303,38 @@ def test_events_of_the_wrong_shape_are_the_llms_fault_not_a_500(make_client, mis
     events = parse_sse(response.text)
     assert [name for name, _ in events][-1] == "error"
     assert "malformed event" in events[-1][1]["detail"]
+
+
+@pytest.mark.parametrize("mode", ["failed", "cut"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_cut_short_is_an_error_and_never_cached(
+    make_client, misbehaving, redis_server, mode, stream
+):
+    """An error event after the first words, or a stream that ends with neither [DONE] nor
+    a finish reason: the words so far are not an answer. Before, either was served (and
+    cached for an hour) as if complete."""
+    _Misbehaving.mode = mode
+    with make_client(**_faulty_llm(misbehaving, redis_url=redis_server.url)) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        for _ in range(2):  # the second ask finds nothing cached
+            response = client.post("/query", json=QUESTION | {"stream": stream})
+            if stream:
+                events = parse_sse(response.text)
+                assert [name for name, _ in events][-1] == "error", events
+                assert "mid-answer" in events[-1][1]["detail"]
+            else:
+                assert response.status_code == 503
+                assert "mid-answer" in response.json()["detail"]
+    assert len(_Misbehaving.seen_auth) == 2
+
+
+def test_a_surrogate_pair_split_between_events_is_replaced_not_a_failure(
+    make_client, misbehaving, redis_server
+):
+    _Misbehaving.mode = "split"
+    with make_client(**_faulty_llm(misbehaving, redis_url=redis_server.url)) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        first = client.post("/query", json=QUESTION)
+        again = client.post("/query", json=QUESTION)
+    assert first.status_code == 200 and first.json()["answer"] == "Fine \ufffd\ufffd"
+    assert again.json()["cached"] is True and again.json()["answer"] == first.json()["answer"]
