@@ -3,9 +3,12 @@ of it must be, byte for byte, the OTLP the worker would have sent itself."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -148,6 +151,58 @@ def test_a_relay_that_dies_is_started_again_until_it_is_stopped(
         receiver.stop()
     time.sleep(0.5)  # more than the restart delay: a stopped relay stays stopped
     assert process.restarts == 1 and process.process.poll() is not None
+
+
+def test_a_hung_collector_costs_frames_not_threads_or_memory(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A collector that takes connections and never answers. The relay still reads every
+    frame as it comes (a worker's send never waits on the collector), keeps at most
+    SPAN_RELAY_MAX_QUEUED_BYTES of them, and drops and reports the rest. Before, a frame
+    waiting for the export lock stopped its connection's reading: the worker's send timed
+    out, it reconnected, and every reconnection added a thread holding a frame."""
+    hung = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(hung.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{hung.getsockname()[1]}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")
+    monkeypatch.setenv(relay.MAX_QUEUED_ENV, str(4 * 1024 * 1024))
+    spans = _spans()
+    resource = relay.encode_resource(spans[0].resource)
+    big = relay.frame(resource, [relay.encode_span(spans[0])] * 3000)  # ~1.3 MB
+    assert len(big) > 1024 * 1024
+    process = relay.Relay()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(process.path)
+            for _ in range(20):  # 30 MB: far more than the relay keeps
+                sock.sendall(big)
+        wait_until(lambda: bool(held), 10, "the relay's first export, hanging")
+        threads = len(os.listdir(f"/proc/{process.process.pid}/task"))
+        assert threads <= 6, threads
+        wait_until(lambda: "frames of spans dropped" in capfd.readouterr().err, 10, "a warning")
+    finally:
+        hung.close()
+        for conn in held:
+            conn.close()
+        process.stop()
+
+
+def test_a_relay_stopped_on_purpose_is_not_reported_as_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    process = relay.Relay()
+    with caplog.at_level(logging.ERROR, logger=relay.__name__):
+        process.stop()
+        time.sleep(0.5)  # the watcher's turn
+    assert not [r for r in caplog.records if "exited" in r.getMessage()]
 
 
 def test_a_relay_reaped_by_someone_else_is_started_again(monkeypatch: pytest.MonkeyPatch):

@@ -14,8 +14,10 @@ The relay shares the machine's cores with the workers, so its cost is the servic
 cost too: writing the request's bytes straight from the rows takes ~7 µs a span, where
 building protobuf message objects took ~18 and rebuilding SDK spans first took 40.
 
-Back-pressure stays where the SDK puts it: if the relay or the collector is slow, the
-worker's queue fills and drops spans instead of slowing requests.
+Back-pressure stays where the SDK puts it: if the relay is slow, the worker's queue fills
+and drops spans instead of slowing requests. The relay reads every frame as it comes and
+queues it for one exporter thread; if the collector is slow or away, that queue stops at
+SPAN_RELAY_MAX_QUEUED_BYTES (64 MiB) and the newest frames are dropped.
 
 Frame on the socket: 4-byte big-endian length, then JSON
 `{"resource": {...}, "resource_schema_url": "", "spans": [[name, trace_id, span_id, flags,
@@ -27,6 +29,7 @@ scope_attributes], ...]}` with ids as hex and bytes values tagged.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import logging
 import os
@@ -343,6 +346,9 @@ class OtlpSender:
 
 
 class _Connection(socketserver.BaseRequestHandler):
+    """Reads a worker's frames as fast as they come and queues them for the exporter: a
+    worker's send never waits on the collector."""
+
     server: _RelayServer
 
     def handle(self) -> None:
@@ -354,27 +360,80 @@ class _Connection(socketserver.BaseRequestHandler):
             payload = stream.read(length)
             if len(payload) < length:
                 return
-            try:
-                request = to_otlp(payload, self.server.limits)
-            except Exception as exc:  # a span it cannot write (a float clock reading...)
-                # loses its frame, not the connection and what follows on it.
-                print(f"span relay: bad frame dropped: {exc!r}", file=sys.stderr)
-                continue
-            with self.server.export_lock:
-                self.server.sender.send(request)
+            self.server.queue(payload)
 
 
 class _RelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Frames wait for one exporter thread in a queue of at most `max_bytes`; past that a
+    slow or absent collector costs the newest frames (said on stderr, once a minute at
+    most), never memory or threads without bound."""
+
     # server_close() waits for every connection to reach EOF: a worker's last batch,
-    # sent as it exits, is read and exported before the relay goes.
+    # sent as it exits, is read and queued before the relay drains and goes.
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, path: str, sender: OtlpSender) -> None:
+    def __init__(self, path: str, sender: OtlpSender, max_bytes: int) -> None:
         self.sender = sender
-        self.export_lock = threading.Lock()
         self.limits = SpanLimits()
+        self._max_bytes = max_bytes
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # bytes in _frames
+        self._ready = threading.Condition()
+        self._closing = False
+        self._dropped = 0
+        self._warned = -60.0
+        self._exporter = threading.Thread(target=self._export, name="exporter", daemon=True)
+        self._exporter.start()
         super().__init__(path, _Connection)
+
+    def queue(self, payload: bytes) -> None:
+        with self._ready:
+            if self._queued + len(payload) > self._max_bytes:
+                self._dropped += 1
+                dropped = self._dropped
+                if time.monotonic() - self._warned > 60:
+                    self._warned = time.monotonic()
+                    print(
+                        f"span relay: the collector is too slow or away; {dropped} frames of "
+                        f"spans dropped so far ({self._max_bytes} bytes wait at most)",
+                        file=sys.stderr,
+                    )
+                return
+            self._frames.append(payload)
+            self._queued += len(payload)
+            self._ready.notify()
+
+    def _export(self) -> None:
+        while True:
+            with self._ready:
+                while not self._frames and not self._closing:
+                    self._ready.wait()
+                if not self._frames:
+                    return  # closing, and all sent
+                payload = self._frames.popleft()
+                self._queued -= len(payload)
+            try:
+                request = to_otlp(payload, self.limits)
+            except Exception as exc:  # a span it cannot write (a float clock reading...)
+                # loses its frame, not the frames after it.
+                print(f"span relay: bad frame dropped: {exc!r}", file=sys.stderr)
+                continue
+            try:
+                self.sender.send(request)
+            except Exception as exc:  # the thread must outlive any one request
+                print(f"span relay: export failed: {exc!r}", file=sys.stderr)
+
+    def drain(self, timeout: float) -> None:
+        """Send what is queued, for `timeout` seconds at most."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify_all()
+        self._exporter.join(timeout)
+
+
+MAX_QUEUED_ENV = "SPAN_RELAY_MAX_QUEUED_BYTES"
+DRAIN_SECONDS = 10  # within Relay.stop's 15 s before SIGKILL
 
 
 def serve(path: str, parent: int) -> None:
@@ -384,7 +443,7 @@ def serve(path: str, parent: int) -> None:
     # scheduler tends to wake the relay on the core of the worker that just wrote to it.
     os.nice(10)
     sender = OtlpSender()
-    server = _RelayServer(path, sender)
+    server = _RelayServer(path, sender, _setting(MAX_QUEUED_ENV, 64 * 1024 * 1024))
     os.chmod(path, 0o600)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -394,7 +453,8 @@ def serve(path: str, parent: int) -> None:
         if os.getppid() != parent:
             break
     server.shutdown()  # no new connections
-    server.server_close()  # the open ones drained to EOF (their workers have exited)
+    server.server_close()  # the open ones read to EOF (their workers have exited)
+    server.drain(DRAIN_SECONDS)
     sender.shutdown()
 
 
@@ -482,6 +542,8 @@ class Relay:
         died = True  # the process in hand has died (not: failed to start)
         while True:
             code = self.process.wait()
+            if self._stopping.is_set():  # stopped on purpose: nothing to say or restart
+                return
             if died:
                 # A young death counts as a failed start: the delay keeps growing.
                 lived = time.monotonic() - self._started
