@@ -60,7 +60,12 @@ def on_starting(server: Any) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         Path(directory).mkdir(parents=True, exist_ok=True)
     if traces.exporting():
-        _relay = Relay()
+        try:
+            _relay = Relay()
+        except Exception as exc:  # tracing must not keep the replica from serving
+            server.log.error(f"span relay did not start ({exc}): each worker exports its own spans")
+            os.environ.pop(SOCKET_ENV, None)
+            return
         os.environ[SOCKET_ENV] = _relay.path
 
 

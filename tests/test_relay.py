@@ -322,3 +322,32 @@ def test_a_stopping_server_still_delivers_its_last_spans(tmp_path: Path) -> None
     finally:
         server.stop()
         receiver.stop()
+
+
+def test_a_relay_that_cannot_start_leaves_the_replica_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gunicorn's on_starting hook: a relay that fails to start (no /dev/shm space, no file
+    descriptors) is logged, and the workers export their own spans, rather than the
+    exception stopping gunicorn from booting at all."""
+    from api import gunicorn_conf
+
+    def fails() -> relay.Relay:
+        raise RuntimeError("span relay did not start")
+
+    logged: list[str] = []
+
+    class Server:
+        class log:  # gunicorn's server.log, as the hook uses it
+            @staticmethod
+            def error(message: str) -> None:
+                logged.append(message)
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv(relay.SOCKET_ENV, "/stale/from/an/earlier/master")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setattr(gunicorn_conf, "Relay", fails)
+    gunicorn_conf.on_starting(Server())
+    assert logged and "did not start" in logged[0]
+    assert relay.SOCKET_ENV not in os.environ  # so each worker exports for itself
+    assert gunicorn_conf._relay is None
