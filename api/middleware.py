@@ -26,7 +26,8 @@ log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNTRACKED = frozenset({"/metrics"})
 UNTRACED = frozenset({"/metrics", "/health", "/ready"})  # probes would drown real traces
-_PROPAGATED = [(name, name.encode()) for name in ("traceparent", "tracestate", "baggage")]
+_PROPAGATED = {name.encode(): name for name in ("traceparent", "tracestate", "baggage")}
+_PROPAGATED_KEYS = _PROPAGATED.keys()
 # OpenTelemetry's HTTP conventions (and its contrib instrumentations' list, QUERY
 # included): a method outside these is "_OTHER" in labels and span names, so a client
 # cannot mint metric series (or span names) by inventing methods. Case-sensitive, as the
@@ -73,9 +74,7 @@ class RequestTelemetry:
         method = given_method if given_method in _KNOWN_METHODS else "_OTHER"
         span = None
         if self.tracing_on and scope["path"] not in UNTRACED:
-            carrier = {
-                name: headers[key].decode("latin-1") for name, key in _PROPAGATED if key in headers
-            }
+            parent = _caller(scope["headers"]) if _PROPAGATED_KEYS & headers.keys() else None
             attributes = {
                 "http.request.method": method,
                 "url.path": scope["path"],
@@ -85,12 +84,10 @@ class RequestTelemetry:
                 attributes["http.request.method_original"] = given_method
             span_method = "HTTP" if method == "_OTHER" else method
             span = telemetry.tracer().start_span(
-                span_method,
-                context=propagate.extract(carrier) if carrier else None,
-                kind=SpanKind.SERVER,
-                attributes=attributes,
+                span_method, context=parent, kind=SpanKind.SERVER, attributes=attributes
             )
-            span_token = otel_context.attach(trace.set_span_in_context(span))
+            # On the caller's context, so its baggage goes on with the trace.
+            span_token = otel_context.attach(trace.set_span_in_context(span, parent))
         status = 500
         notes: dict[str, object] = {}
         notes_token = telemetry.request_notes.set(notes)
@@ -163,6 +160,19 @@ class RequestTelemetry:
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()
                 otel_context.detach(span_token)
+
+
+def _caller(raw: list[tuple[bytes, bytes]]) -> otel_context.Context:
+    """The caller's context from its W3C headers. A header sent several times is one list
+    (RFC 9110): tracestate and baggage members are joined, and a repeated traceparent is
+    ambiguous, so it is ignored and a new trace begins, as the W3C test suite expects."""
+    values: dict[str, list[str]] = {}
+    for key, value in raw:
+        if (name := _PROPAGATED.get(key)) is not None:
+            values.setdefault(name, []).append(value.decode("latin-1"))
+    if len(values.get("traceparent", ())) > 1:
+        del values["traceparent"]
+    return propagate.extract({name: ",".join(found) for name, found in values.items()})
 
 
 async def _failed(send: Send, started: bool) -> None:

@@ -27,6 +27,7 @@ class ReceivedSpan:
     kind: int
     attributes: dict[str, object]
     service: str
+    trace_state: str = ""
 
 
 class OtlpReceiver:
@@ -91,6 +92,7 @@ class OtlpReceiver:
                                 span.kind,
                                 attributes,
                                 service,
+                                span.trace_state,
                             )
                         )
 

@@ -307,6 +307,36 @@ def test_one_query_is_one_trace_continuing_the_callers(stack: Stack) -> None:
     assert "span_id" in line and "duration_ms" in line
 
 
+def test_repeated_trace_headers_are_one_list_and_two_traceparents_start_afresh(
+    stack: Stack,
+) -> None:
+    trace_id = secrets.token_hex(16)
+    sent = [
+        ("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01"),
+        ("tracestate", "a=1"),
+        ("tracestate", "b=2"),
+    ]
+    assert httpx.get(f"{stack.base}/documents", headers=sent).status_code == 200
+    stack.otlp.wait_for(lambda: any(s.kind == SERVER for s in stack.otlp.trace(trace_id)))
+    (server,) = [s for s in stack.otlp.trace(trace_id) if s.kind == SERVER]
+    assert server.trace_state == "a=1,b=2"  # both lines' members, in order
+
+    # Two traceparents say two things: neither is continued.
+    request_id = "twice-" + secrets.token_hex(6)
+    given = [secrets.token_hex(16), secrets.token_hex(16)]
+    sent = [("traceparent", f"00-{t}-{secrets.token_hex(8)}-01") for t in given]
+    response = httpx.get(f"{stack.base}/documents", headers=[*sent, ("x-request-id", request_id)])
+    assert response.status_code == 200
+    wait_until(lambda: request_id in stack.served_by(), 10, "the access line")
+    (line,) = [
+        json.loads(text) for text in stack.log_lines() if f'"request_id":"{request_id}"' in text
+    ]
+    assert line["trace_id"] not in given
+    stack.otlp.wait_for(lambda: any(s.kind == SERVER for s in stack.otlp.trace(line["trace_id"])))
+    (server,) = [s for s in stack.otlp.trace(line["trace_id"]) if s.kind == SERVER]
+    assert server.parent_id == ""  # a root
+
+
 def test_loopback_calls_never_go_through_a_proxy(stack: Stack) -> None:
     """The stack serves with HTTP_PROXY, HTTPS_PROXY and ALL_PROXY set and NO_PROXY empty:
     Chroma, the LLM and the OTLP collector on 127.0.0.1 are still called directly."""
