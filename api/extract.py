@@ -20,6 +20,7 @@ import sys
 from html.parser import HTMLParser
 
 MEMORY_LIMIT_BYTES = 1 << 30
+MAX_TITLE_READ = 65536  # characters; the caller keeps 512 of them, whitespace collapsed
 
 
 def pdf(data: bytes, max_chars: int) -> dict[str, str | None]:
@@ -152,6 +153,12 @@ def main() -> None:
     # Damaged input can fail anywhere inside a parser; any failure means "unreadable".
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
+    # One page can hold far more than the limit: the parent (a web worker) needs only
+    # enough to see that, not hundreds of MB of it in its memory.
+    if (text := result.get("text")) is not None and len(text) > max_chars:
+        result["text"] = text[: max_chars + 1]
+    if (title := result.get("title")) is not None:
+        result["title"] = title[:MAX_TITLE_READ]
     sys.stdout.write(json.dumps(result))
 
 

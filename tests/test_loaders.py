@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from api import extract
 from api.loaders import UnreadableDocument, load_file
+from tests.files import pdf_bytes
 
 
 @pytest.mark.parametrize(
@@ -128,3 +130,20 @@ def test_a_parser_left_running_is_stopped_by_its_own_cpu_limit():
 )
 def test_html_as_pages_are_really_written(markup, text, title):
     assert extract.html(markup) == {"text": text, "title": title}
+
+
+def test_the_parser_hands_back_no_more_text_than_shows_it_is_too_long():
+    """A page can expand to hundreds of MB of text; the web worker gets the limit and one
+    character more, enough to refuse it."""
+    run = subprocess.run(
+        [sys.executable, "-m", "api.extract", "pdf", "100", "10"],
+        input=pdf_bytes(["word " * 100, "more " * 100], title="  Long\ttitle " * 10000),
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    result = json.loads(run.stdout)
+    assert len(result["text"]) == 101
+    assert len(result["title"]) == 65536
+    with pytest.raises(UnreadableDocument, match="longer than 100 characters"):
+        load_file("long.pdf", pdf_bytes(["word " * 100]), max_chars=100)
