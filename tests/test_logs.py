@@ -9,6 +9,7 @@ import logging
 import select
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -196,6 +197,44 @@ def test_a_line_logged_while_writing_does_not_deadlock(monkeypatch: pytest.Monke
     threading.Thread(target=write, daemon=True).start()
     assert done.wait(5), "the writing thread deadlocked on its own lock"
     assert sorted(json.loads(x)["event"] for x in stream.data.splitlines()) == ["nested", "outer"]
+
+
+def test_a_library_line_from_inside_a_write_does_not_deadlock_another_thread(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Thread A writes the waiting lines out, and its garbage collection logs through
+    stdlib logging (asyncio's unread Future errors do); thread B is logging through the
+    same handler meanwhile. With a lock of the handler's own besides the lines' lock, B
+    held the handler's and waited for the lines', A the other way round: both for good."""
+    stream = _Stream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(logs.LINES, "buffered", False)
+    library = logging.getLogger("tests.library")
+    handler = logs.LinesHandler()
+    handler.setFormatter(logging.Formatter('{"event": "%(message)s"}'))
+    monkeypatch.setattr(library, "handlers", [handler])
+    monkeypatch.setattr(library, "propagate", False)
+    writing, b_started = threading.Event(), threading.Event()
+
+    def collected_mid_write() -> None:
+        stream.during_write = lambda: None  # once
+        writing.set()
+        b_started.wait(5)
+        time.sleep(0.3)  # B is in the handler by now, waiting for the lines' lock
+        library.error("from the garbage collector")
+
+    stream.during_write = collected_mid_write
+    a = threading.Thread(target=logs.LINES.add, args=(b'{"event": "A"}\n', True), daemon=True)
+    b = threading.Thread(target=library.warning, args=("B",), daemon=True)
+    a.start()
+    assert writing.wait(5)
+    b.start()
+    b_started.set()
+    a.join(5)
+    b.join(5)
+    assert not a.is_alive() and not b.is_alive(), "the two threads deadlocked"
+    events = sorted(json.loads(x)["event"] for x in stream.data.splitlines())
+    assert events == ["A", "B", "from the garbage collector"]
 
 
 def _boom() -> None:

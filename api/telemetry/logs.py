@@ -186,6 +186,12 @@ class LinesHandler(logging.Handler):
     as ours, so one process's lines keep their order, and a library's warning takes the
     waiting lines with it."""
 
+    def createLock(self) -> None:  # logging's name
+        """No lock of its own: LINES has one. With two, a thread in `handle` (holding this
+        one) waiting for LINES, and a thread writing LINES out whose garbage collection
+        logs (asyncio's unread Future errors), each wait for the other's for good."""
+        self.lock = None
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record).encode("utf-8", "backslashreplace") + b"\n"
