@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The tokenizer adds [CLS] and [SEP] to every input; the model sees at most 256 tokens.
 MODEL_MAX_TOKENS = 256
 SPECIAL_TOKENS = 2
+MIN_PROMPT_TOKENS = 256  # instructions (~60), a question and at least one source
 
 
 class Settings(BaseSettings):
@@ -94,6 +95,13 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.chunk_overlap_tokens >= self.chunk_tokens:
             raise ValueError("CHUNK_OVERLAP_TOKENS must be smaller than CHUNK_TOKENS")
+        # The instructions, a question and a source need room beside the answer: without
+        # it every question would be refused as too long.
+        if self.llm_context_tokens - self.llm_max_tokens < MIN_PROMPT_TOKENS:
+            raise ValueError(
+                f"LLM_MAX_TOKENS leaves less than {MIN_PROMPT_TOKENS} of LLM_CONTEXT_TOKENS "
+                "for the prompt"
+            )
         return self
 
     @property

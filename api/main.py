@@ -22,6 +22,7 @@ from api.generation import GeneratorUnavailable
 from api.ingest import DocumentsDirMissing, EmptyDocument
 from api.loaders import UnreadableDocument, UnsupportedFileType
 from api.middleware import BodySizeLimit, RequestTelemetry
+from api.prompt import QuestionTooLong
 from api.routers import documents, health, query
 from api.routers import metrics as metrics_router
 from api.services import Services
@@ -70,6 +71,7 @@ _ERRORS: list[tuple[type[Exception], int, str]] = [
     (UnsupportedFileType, 415, "unsupported_file_type"),
     (UnreadableDocument, 422, "unreadable_document"),
     (EmptyDocument, 422, "empty_document"),
+    (QuestionTooLong, 422, "question_too_long"),
     (DocumentsDirMissing, 409, "documents_dir_missing"),
     (StoreUnavailable, 503, "store_unavailable"),
     (EmbeddingModelMismatch, 503, "embedding_model_mismatch"),

@@ -29,10 +29,16 @@ class Prompt:
     tokens: int
 
 
+class QuestionTooLong(ValueError):
+    """The question alone leaves the model no room to answer: the client's to shorten."""
+
+
 def estimate_tokens(text: str) -> int:
     """For servers whose tokenizer we do not have: BPE vocabularies average about four
-    characters a token on English prose; three keeps a margin."""
-    return len(text) // 3 + 1
+    characters a token on English prose; three keeps a margin. Counted in UTF-8 bytes, so
+    text in other scripts (a CJK character is 3 bytes and 1-2 tokens, an emoji 4 bytes
+    and 1-3) is not undercounted three or four times, as counting characters would."""
+    return len(text.encode("utf-8", "surrogatepass")) // 3 + 1
 
 
 _silence: object = None  # ctypes callbacks must outlive their registration
@@ -74,6 +80,11 @@ def build_prompt(
     question_part = f"Question: {question}"
     system_tokens = count(SYSTEM)
     limit = context_tokens - max_tokens - TEMPLATE_TOKENS - system_tokens
+    if (needed := count(_render([], question_part))) > limit:
+        raise QuestionTooLong(
+            f"question is too long for the model: {needed} tokens where {limit} leave room "
+            f"for a {max_tokens}-token answer"
+        )
     # Parts are counted one by one (fast); each join may cost a token more than its parts.
     budget = limit - count("Sources:\n\n\n\n" + question_part) - 1
     blocks: list[str] = []

@@ -84,6 +84,19 @@ def test_stream_events_arrive_in_order(make_client, llm_server, redis_server):
         assert whole["cached"] is True and whole["answer"] == streamed
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_question_too_long_for_the_model_is_422(make_client, llm_server, stream):
+    """Short in characters, long in tokens: 1,900 emoji take more of SmolLM2's 2,048-token
+    window than an answer leaves. The client's to shorten (422), not the LLM's fault (a
+    503 from its refusal, as before), and no fallback answers it from no sources."""
+    settings = llm_settings(llm_server, llm_fallback="extractive")
+    with make_client(**settings) as client:
+        client.post("/documents", json={"documents": [FREEZE]})
+        response = client.post("/query", json={"question": "😀" * 1900, "stream": stream})
+    assert response.status_code == 422
+    assert "too long for the model" in response.json()["detail"]
+
+
 def test_first_token_comes_well_before_the_last(make_client, llm_server):
     with make_client(**llm_settings(llm_server, llm_max_tokens=200)) as client:
         client.post("/documents", json={"documents": [FREEZE]})

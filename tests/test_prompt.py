@@ -1,8 +1,17 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from api.prompt import SYSTEM, build_prompt, estimate_tokens, gguf_token_counter
+from api.config import Settings
+from api.prompt import (
+    SYSTEM,
+    TEMPLATE_TOKENS,
+    QuestionTooLong,
+    build_prompt,
+    estimate_tokens,
+    gguf_token_counter,
+)
 from api.runner import local_model_path
 from api.store import Hit
 from tests.conftest import CORPUS_DIR
@@ -45,9 +54,18 @@ def test_sources_are_cut_to_the_context_window(count):
 
 
 def test_no_room_for_sources_still_asks_the_question(count):
-    prompt = build_prompt("Why?", [hit(1, 400)], 300, 250, count)
+    # Room for the question and a little more, not for a source's 32 tokens.
+    context = 250 + TEMPLATE_TOKENS + count(SYSTEM) + 30
+    prompt = build_prompt("Why?", [hit(1, 400)], context, 250, count)
     assert prompt.sources == []
     assert "no sources" in prompt.messages[1]["content"]
+    assert prompt.tokens <= context - 250
+
+
+def test_a_question_that_leaves_no_room_for_the_answer_is_refused(count):
+    context = 250 + TEMPLATE_TOKENS + count(SYSTEM) + 30
+    with pytest.raises(QuestionTooLong, match="too long for the model"):
+        build_prompt("Why? " * 40, [hit(1, 400)], context, 250, count)
 
 
 def test_the_estimate_does_not_undercount_prose(count):
@@ -68,3 +86,9 @@ def test_any_mix_of_sources_fits(count, context, max_tokens):
         system, user = (m["content"] for m in prompt.messages)
         assert count(system) + count(user) + 24 + max_tokens <= context
         assert user.endswith("Question: How do I restore a backup?")
+
+
+def test_an_answer_that_leaves_the_prompt_no_room_is_a_bad_setting(tmp_path):
+    with pytest.raises(ValidationError, match="LLM_MAX_TOKENS leaves less than 256"):
+        Settings(data_dir=tmp_path, llm_context_tokens=2048, llm_max_tokens=1900)
+    assert Settings(data_dir=tmp_path, llm_context_tokens=2048, llm_max_tokens=1792)
