@@ -284,6 +284,19 @@ def test_odd_values_scopes_and_remote_links_arrive_as_the_sdk_sends_them():
     assert "beyond 64 bits" not in keys and "bytes" in keys  # one key lost, not the span
 
 
+def test_a_string_that_is_not_unicode_costs_its_key_not_the_span():
+    """OTLP strings are UTF-8: a lone surrogate (an exception message quoting bad input)
+    cannot be sent. The SDK's encoder fails its whole batch on one; the relay drops the
+    key."""
+    provider, memory = _lean()
+    with provider.get_tracer("api").start_as_current_span("s") as span:
+        span.set_attributes({"bad": "caf\udce9", "good": "café"})
+        span.add_event("e", {"bad": "\ud800", "kept": 1})
+    (sent,) = relayed(list(memory.get_finished_spans())).resource_spans[0].scope_spans[0].spans
+    assert [(a.key, a.value.string_value) for a in sent.attributes] == [("good", "café")]
+    assert [a.key for a in sent.events[0].attributes] == ["kept"]
+
+
 def test_with_no_processor_spans_are_contexts_that_still_carry_the_trace():
     """No exporter configured: nothing is recorded, but ids for the logs are made and the
     caller's trace continues through parent and child."""

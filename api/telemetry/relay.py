@@ -120,8 +120,8 @@ def encode_span(span: ReadableSpan) -> bytes:
     ]
     try:
         return _dumps(row)
-    except TypeError:  # an integer beyond 64 bits, which OTLP cannot carry either
-        _drop_big_integers(row)
+    except TypeError:  # an integer beyond 64 bits or a lone surrogate: OTLP cannot carry
+        _drop_unwritable(row)  # either, and the SDK's encoder loses its whole batch
         return _dumps(row)
 
 
@@ -150,6 +150,11 @@ def _dumps(value: Any) -> bytes:
 def _fits(value: Any) -> bool:
     if isinstance(value, int) and not isinstance(value, bool):
         return bool(-(2**63) <= value < 2**64)
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
     if isinstance(value, list | tuple):
         return all(_fits(v) for v in value)
     if isinstance(value, dict):
@@ -161,9 +166,9 @@ def _fits_only(attributes: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attributes.items() if _fits(v)}
 
 
-def _drop_big_integers(row: list[Any]) -> None:
-    """Drop the attributes holding an integer beyond 64 bits: the SDK's encoder loses such
-    a key alone, and so do we, rather than the span."""
+def _drop_unwritable(row: list[Any]) -> None:
+    """Drop the attributes holding an integer beyond 64 bits (the SDK's encoder loses such
+    a key alone) or a string that is not valid Unicode: the key, rather than the span."""
     row[10] = _fits_only(row[10])
     for event in row[13]:
         event[2] = _fits_only(event[2])
