@@ -122,6 +122,9 @@ class RequestTelemetry:
             # and the trace would already be gone from the line, the span and the response.
             if span is not None:
                 span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            if started:  # the status already sent is not what happened
+                notes["aborted"] = True
             await _failed(send_with_id, started)
         finally:
             elapsed = time.perf_counter() - start

@@ -294,6 +294,37 @@ def test_an_unhandled_error_is_recorded_on_the_server_span(stderr: _Stderr, monk
     assert error["span_id"] == format(span.context.span_id, "016x")
 
 
+def test_an_error_after_the_response_began_is_not_recorded_as_a_success(
+    stderr: _Stderr, monkeypatch
+):
+    """The 200 has gone out and the body breaks off (a stream's bug): the connection is
+    cut, the span says error and the access line says aborted, beside the status sent."""
+    memory = InMemorySpanExporter()
+    provider = LeanTracerProvider(Resource({}), TracerProvider(shutdown_on_exit=False).sampler)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    monkeypatch.setattr(traces, "_tracer", provider.get_tracer("api"))
+    logs.configure_logging("info", "json")
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        _boom()
+
+    async def send(message):
+        pass
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "method": "GET", "path": "/stream", "headers": [], "scheme": "http"}
+    with pytest.raises(RuntimeError):  # the server cuts the connection
+        asyncio.run(RequestTelemetry(app, tracing_on=True)(scope, receive, send))
+    (span,) = memory.get_finished_spans()
+    assert span.status.status_code is trace.StatusCode.ERROR
+    access = next(line for line in stderr.lines() if line["event"] == "request")
+    assert access["status"] == 200 and access["aborted"] is True
+
+
 def test_a_failure_of_the_request_telemetry_itself_is_still_a_json_500(make_client, monkeypatch):
     class Broken:
         def match(self, _: str) -> None:
