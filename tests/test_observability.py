@@ -506,3 +506,31 @@ def test_a_killed_span_relay_is_started_again_and_traces_resume(stack: Stack) ->
     assert any(
         "span relay exited" in line and "starting it again" in line for line in stack.log_lines()
     )
+
+
+def test_an_increment_the_metrics_file_did_not_take_is_written_at_the_next_flush() -> None:
+    """The deferred increments of multiprocess mode: a write that fails (the tmpfs is full
+    and the file cannot grow) keeps its amount for the next flush instead of losing it."""
+    from api.telemetry import metrics
+
+    class FileThatFillsOnce:
+        def __init__(self) -> None:
+            self.value = 0.0
+            self.full = True
+
+        def inc(self, amount: float) -> None:
+            if self.full:
+                self.full = False
+                raise OSError(28, "No space left on device")
+            self.value += amount
+
+        def get(self) -> float:
+            return self.value
+
+    value = metrics._deferred(FileThatFillsOnce)()
+    value.inc(3)
+    with pytest.raises(OSError):
+        metrics.flush_pending()  # the flusher reports it and goes on
+    value.inc(1)
+    metrics.flush_pending()
+    assert value.value == 4 and value.get() == 4

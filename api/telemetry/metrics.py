@@ -82,10 +82,12 @@ def _deferred(mmaped: type) -> type:
                 return float(super().get()) + self._unwritten
 
         def write(self) -> None:
-            """Under `_pending_lock`."""
-            amount, self._unwritten, self._queued = self._unwritten, 0.0, False
+            """Under `_pending_lock`. An amount the file did not take (it could not grow)
+            stays, and is tried again at the next flush."""
+            amount, self._queued = self._unwritten, False
             if amount:
                 super().inc(amount)
+            self._unwritten -= amount
 
     return Deferred
 
