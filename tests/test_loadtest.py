@@ -82,7 +82,11 @@ def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path
     assert len(lines) == entry["requests"]
     edge = [float(line["request_time"]) * 1000 for line in lines]
     for key, p in (("p50", 50), ("p90", 90), ("p99", 99)):
-        assert abs(entry[key] - _percentile(edge, p)) <= 0.05 * _percentile(edge, p), (
+        # Locust times from the client, nginx from the edge: within 5%, or 10 ms, which a
+        # scheduling pause of the client on this 2-core machine (shared with the whole
+        # stack) can add to its slowest request, the p99 of a few dozen.
+        allowed = max(0.05 * _percentile(edge, p), 10.0)
+        assert abs(entry[key] - _percentile(edge, p)) <= allowed, (
             key,
             entry[key],
             _percentile(edge, p),
