@@ -263,16 +263,18 @@ def test_an_unhandled_error_is_a_500_that_keeps_its_request_id(capsysbinary, mak
     assert 'rag_errors_total{type="internal"} 1.0' in metrics_text
 
 
-def test_an_unhandled_error_is_recorded_on_the_server_span(stderr: _Stderr, monkeypatch):
+def _traced_into_memory(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
+    """Spans of the service's tracer kept in memory, and JSON log lines."""
     memory = InMemorySpanExporter()
     provider = LeanTracerProvider(Resource({}), TracerProvider(shutdown_on_exit=False).sampler)
     provider.add_span_processor(SimpleSpanProcessor(memory))
     monkeypatch.setattr(traces, "_tracer", provider.get_tracer("api"))
     logs.configure_logging("info", "json")
+    return memory
 
-    async def app(scope, receive, send):  # an application with a bug in it
-        _boom()
 
+def _get_once(app: Any, path: str) -> list[dict[str, Any]]:
+    """The messages `app` sends, behind RequestTelemetry, for one GET of `path`."""
     sent: list[dict[str, Any]] = []
 
     async def send(message):
@@ -281,8 +283,17 @@ def test_an_unhandled_error_is_recorded_on_the_server_span(stderr: _Stderr, monk
     async def receive():
         return {"type": "http.request", "body": b""}
 
-    scope = {"type": "http", "method": "GET", "path": "/boom", "headers": [], "scheme": "http"}
+    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "scheme": "http"}
     asyncio.run(RequestTelemetry(app, tracing_on=True)(scope, receive, send))
+    return sent
+
+
+def test_an_unhandled_error_is_recorded_on_the_server_span(stderr: _Stderr, monkeypatch):
+    async def app(scope, receive, send):  # an application with a bug in it
+        _boom()
+
+    memory = _traced_into_memory(monkeypatch)
+    sent = _get_once(app, "/boom")
     assert sent[0]["status"] == 500
     (span,) = memory.get_finished_spans()
     assert span.status.status_code is trace.StatusCode.ERROR
@@ -299,26 +310,15 @@ def test_an_error_after_the_response_began_is_not_recorded_as_a_success(
 ):
     """The 200 has gone out and the body breaks off (a stream's bug): the connection is
     cut, the span says error and the access line says aborted, beside the status sent."""
-    memory = InMemorySpanExporter()
-    provider = LeanTracerProvider(Resource({}), TracerProvider(shutdown_on_exit=False).sampler)
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    monkeypatch.setattr(traces, "_tracer", provider.get_tracer("api"))
-    logs.configure_logging("info", "json")
 
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
         _boom()
 
-    async def send(message):
-        pass
-
-    async def receive():
-        return {"type": "http.request", "body": b""}
-
-    scope = {"type": "http", "method": "GET", "path": "/stream", "headers": [], "scheme": "http"}
+    memory = _traced_into_memory(monkeypatch)
     with pytest.raises(RuntimeError):  # the server cuts the connection
-        asyncio.run(RequestTelemetry(app, tracing_on=True)(scope, receive, send))
+        _get_once(app, "/stream")
     (span,) = memory.get_finished_spans()
     assert span.status.status_code is trace.StatusCode.ERROR
     access = next(line for line in stderr.lines() if line["event"] == "request")
