@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from api import processes
 from api.config import get_settings
 
 
@@ -75,7 +74,6 @@ def _export_model(force: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    processes.loopback_without_proxy()
     parser = argparse.ArgumentParser(prog="rag-api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(

@@ -15,9 +15,6 @@ from api.telemetry.logs import gunicorn_logconfig
 from api.telemetry.relay import SOCKET_ENV, Relay
 
 _settings = get_settings()
-# gunicorn may be started directly, not through `python -m api serve`: the workers and the
-# span relay inherit this.
-processes.loopback_without_proxy()
 
 if _settings.web_concurrency > 1 and _settings.embedded_store:
     sys.exit(

@@ -14,7 +14,16 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 _PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 
 
-def loopback_without_proxy(env: MutableMapping[str, str] = os.environ) -> None:
+def service_environment(env: MutableMapping[str, str] = os.environ) -> None:
+    """What every process of the service runs with. onnxruntime (1.2x, on Linux too) posts
+    usage telemetry to mobile.events.data.microsoft.com about 10 s after its first session,
+    and on; this service talks to no host it was not configured for. An operator may still
+    set ORT_DISABLE_TELEMETRY=0. And loopback goes around any proxy."""
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    loopback_without_proxy(env)
+
+
+def loopback_without_proxy(env: MutableMapping[str, str]) -> None:
     """Exempt this host's loopback from any proxy set in the environment (HTTP_PROXY and
     kin), for this process and every child it starts. The local LLM, Chroma, the span
     relay's collector and the stack's health checks are all on 127.0.0.1, and a proxy

@@ -26,7 +26,6 @@ from pathlib import Path
 import httpx
 import redis
 
-from api import processes
 from deployment.topology import HOST, STOP_WAIT_SECONDS, Topology, render
 
 BINARIES = (
@@ -231,7 +230,6 @@ Stop it with `make stack-down`.""")
 
 
 def main(argv: list[str] | None = None) -> int:
-    processes.loopback_without_proxy()  # the health checks, and every program started
     parser = argparse.ArgumentParser(prog="python -m deployment.stack")
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)

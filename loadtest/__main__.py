@@ -268,7 +268,6 @@ def _print(result: dict[str, Any], directory: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    processes.loopback_without_proxy()  # a target on 127.0.0.1, and the OOM finder's replica
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
