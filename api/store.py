@@ -255,7 +255,6 @@ class VectorStore:
                         httpx.get(
                             f"http://{s.chroma_host}:{s.chroma_port}/api/v2/heartbeat",
                             timeout=s.chroma_timeout_seconds,
-                            trust_env=False,
                         ).raise_for_status()
                         self._client = chromadb.HttpClient(
                             host=s.chroma_host, port=s.chroma_port, settings=chroma_settings
