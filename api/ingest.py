@@ -180,10 +180,8 @@ class Ingestor:
         return deleted
 
     def ingest_file(self, path: Path, source: str, origin: str) -> IngestResult:
-        if printable(source) != source:  # the store could not hold it, nor a response
-            raise UnreadableDocument(
-                f"{printable(source)}: the file name is not valid UTF-8; rename the file"
-            )
+        if (shown := printable(source)) != source:  # neither the store nor JSON holds it
+            raise UnreadableDocument(f"{shown}: the file name is not valid UTF-8; rename the file")
         limits = self._settings
         loaded = load_file(
             path.name, path.read_bytes(), limits.max_document_chars, limits.extract_timeout_seconds
