@@ -43,8 +43,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:MAX_TITLE_CHARS]
 
 
+def _last_part(filename: str) -> PurePosixPath:
+    """An uploaded file's own name, whichever separators its client used."""
+    return PurePosixPath(PurePosixPath(filename.replace("\\", "/")).name)
+
+
 def parsed_in_child(filename: str) -> bool:
-    return PurePosixPath(filename.replace("\\", "/")).suffix.lower() in PARSED_IN_CHILD
+    return _last_part(filename).suffix.lower() in PARSED_IN_CHILD
 
 
 def load_file(
@@ -53,7 +58,7 @@ def load_file(
     """Text and title of an uploaded file; `name` is reduced to its last path part. PDF
     and HTML are parsed in a child process (api/extract.py) that is killed after
     `timeout` seconds."""
-    name = printable(PurePosixPath(filename.replace("\\", "/")).name) or "upload"
+    name = printable(_last_part(filename).name) or "upload"
     suffix = PurePosixPath(name).suffix.lower()
     if len(name) > MAX_NAME_CHARS:
         raise UnreadableDocument(
