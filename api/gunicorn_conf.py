@@ -24,7 +24,7 @@ if _settings.web_concurrency > 1 and _settings.embedded_store:
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.web_concurrency
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "api.worker.Worker"
 timeout = _settings.timeout_seconds
 graceful_timeout = 30
 keepalive = 5

@@ -1,0 +1,118 @@
+"""The gunicorn worker: uvicorn's, except that a response leaves in one write.
+
+uvicorn writes a response's head and its body with two send() calls. A replica that is
+killed between the two leaves nginx with a head and no body; nginx has already passed the
+head to the client, so it cannot try the next replica, and the client's request fails
+(seen in tests/test_stack.py about once in ten kills under load). Written together, either
+nothing has left the process, and nginx retries elsewhere, or all of it has, and the
+kernel delivers it even after the process is gone. One system call instead of two is
+also cheaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar, cast
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn_worker import UvicornWorker
+
+
+class CoalescingTransport(asyncio.Transport):
+    """Holds a write until the next one and hands both to the real transport as one; a
+    write that no other follows in the same turn of the event loop goes at the end of
+    that turn.
+
+    uvicorn's first write of a response is its head and the second its body (or a
+    stream's first chunk), so a response leaves as one send() as soon as its body is
+    written: no later than before, and never as a head alone. Later chunks of a stream
+    go out in pairs or at the end of their turn."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._flush_due = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held is None:
+            self._held = bytes(data)
+            if not self._flush_due:
+                self._flush_due = True
+                self._loop.call_soon(self._flush)
+        else:
+            held, self._held = self._held, None
+            self._transport.write(held + data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        held, self._held = self._held, None
+        # Not after a close: the peer is gone, or close() already sent it.
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+
+class WholeResponseProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools) writing through a CoalescingTransport."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they have its methods.
+        real = cast(asyncio.Transport, transport)
+        super().connection_made(CoalescingTransport(real, asyncio.get_running_loop()))
+
+
+class Worker(UvicornWorker):  # type: ignore[misc]
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        **UvicornWorker.CONFIG_KWARGS,
+        "http": WholeResponseProtocol,
+    }
