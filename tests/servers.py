@@ -25,11 +25,41 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _listening_range() -> range:
+    """Ports below the kernel's ephemeral range: it never gives those to an outgoing
+    connection on its own. A port picked from the ephemeral range (what binding port 0
+    gives) can become the local end of some client's connection (a test's, nginx's to a
+    replica, Prometheus's scrapes) between the pick and the server's bind."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return range(10000, low) if low - 10000 >= 2000 else range(0)
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive ports nothing listens on, none handed out before
+    by this process, outside the ephemeral range when the machine leaves room for it."""
+    candidates = _listening_range()
+    for _ in range(200):
+        if not candidates:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                base: int = sock.getsockname()[1]
+        else:
+            base = random.randrange(candidates.start, candidates.stop - count)
+        ports = range(base, base + count)
+        if _handed_out.intersection(ports):
+            continue
+        try:
+            for port in ports:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _handed_out.update(ports)
+        return base
+    raise RuntimeError(f"no run of {count} free ports")
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -318,19 +348,6 @@ _STACK_PORTS = (
 )
 
 
-def _consecutive_free_ports(count: int) -> int:
-    for _ in range(100):
-        base = random.randint(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no run of free ports")
-
-
 def stack_on_free_ports(stack_dir: Path, replicas: int, workers: int) -> Topology:
     """`make stack`'s topology with every port free on this machine (the replicas' in a
     row, as the topology numbers them), its state under `stack_dir`."""
@@ -341,7 +358,7 @@ def stack_on_free_ports(stack_dir: Path, replicas: int, workers: int) -> Topolog
             "STACK_DIR": str(stack_dir),
             "REPLICAS": str(replicas),
             "WEB_CONCURRENCY": str(workers),
-            "API_PORT": str(_consecutive_free_ports(replicas)),
+            "API_PORT": str(free_port(replicas)),
             **{name: str(free_port()) for name in _STACK_PORTS},
         }
     )
