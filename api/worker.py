@@ -19,38 +19,47 @@ from uvicorn_worker import UvicornWorker
 
 
 class CoalescingTransport(asyncio.Transport):
-    """Holds a write until the next one and hands both to the real transport as one; a
-    write that no other follows in the same turn of the event loop goes at the end of
-    that turn.
+    """Holds a response's head until the next write and hands both to the real transport
+    as one; a head that nothing follows in the same turn of the event loop (HEAD, a
+    stream whose first chunk is not ready) goes at the end of that turn. Everything else
+    goes straight through.
 
-    uvicorn's first write of a response is its head and the second its body (or a
-    stream's first chunk), so a response leaves as one send() as soon as its body is
-    written: no later than before, and never as a head alone. Later chunks of a stream
-    go out in pairs or at the end of their turn."""
+    Starlette writes a response's head and body back to back, with nothing in between
+    that waits, so a response leaves as one send() as soon as its body is written: no
+    later than before, and never as a head alone. "Whole or not at all" holds for what
+    the kernel takes in one send(): a body larger than the socket's free send buffer is
+    partly held in the process, as it always was."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
-        self._flush_due = False
+        self._flush_handle: asyncio.Handle | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._held is None:
-            self._held = bytes(data)
-            if not self._flush_due:
-                self._flush_due = True
-                self._loop.call_soon(self._flush)
-        else:
+        if not data:  # uvicorn writes an empty chunk as nothing: it must not free the head
+            return
+        if self._held is not None:
             held, self._held = self._held, None
             self._transport.write(held + data)
+        # uvicorn's status line; not "100 Continue", which the client waits for alone.
+        elif data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":
+            self._held = bytes(data)
+            if self._flush_handle is None:
+                self._flush_handle = self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
             self.write(data)
 
     def _flush(self) -> None:
-        self._flush_due = False
+        """At the end of the turn, or before a close: the held head, if any."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # a no-op when it is the call running now
+            self._flush_handle = None
         held, self._held = self._held, None
         # Not after a close: the peer is gone, or close() already sent it.
         if held is not None and not self._transport.is_closing():
@@ -66,6 +75,7 @@ class CoalescingTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self._held = None
+        self._flush()  # only its pending call: nothing is held
         self._transport.abort()
 
     def can_write_eof(self) -> bool:

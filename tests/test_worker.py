@@ -3,15 +3,18 @@ process whole or not at all, so nginx can send a request whose replica died to t
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from api.worker import CoalescingTransport
 from tests.servers import Process, free_port
 
 # A worker killed between its response's head and body, as SIGKILL (the OOM killer, a
@@ -103,3 +106,72 @@ def test_answers_and_streams_are_unchanged(gunicorn):
         chunks = [(time.monotonic() - start, chunk) for chunk in response.iter_raw()]
     assert b"".join(chunk for _, chunk in chunks) == b"firstwhole"
     assert chunks[0][1] == b"first" and chunks[0][0] < 1.0, chunks
+
+
+class _Recording(asyncio.Transport):
+    """What reaches the socket, one entry per write: the logic around it, not the proof
+    (that is the gunicorn test above)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+
+
+def test_the_transport_joins_a_head_to_what_follows_it():
+    async def scenario() -> list[list[bytes]]:
+        seen = []
+        real = _Recording()
+        wrapped = CoalescingTransport(real, asyncio.get_running_loop())
+        # A whole response: one write, at once, not at the end of the turn.
+        wrapped.write(HEAD)
+        wrapped.write(b"")  # an empty chunk frees nothing
+        assert real.writes == []
+        wrapped.write(b"whole")
+        seen.append(list(real.writes))
+        # A head alone (HEAD, a stream not yet ready) goes at the end of the turn.
+        real.writes.clear()
+        wrapped.write(HEAD)
+        assert real.writes == []
+        await asyncio.sleep(0)
+        seen.append(list(real.writes))
+        # Chunks after the head, and 100 Continue, go straight through.
+        real.writes.clear()
+        wrapped.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        wrapped.write(b"chunk")
+        seen.append(list(real.writes))
+        # close() sends a held head first; abort() drops it.
+        real.writes.clear()
+        wrapped.write(HEAD)
+        wrapped.close()
+        seen.append(list(real.writes))
+        real.closed = False
+        real.writes.clear()
+        wrapped.write(HEAD)
+        wrapped.abort()
+        await asyncio.sleep(0)
+        seen.append(list(real.writes))
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        [HEAD + b"whole"],
+        [HEAD],
+        [b"HTTP/1.1 100 Continue\r\n\r\n", b"chunk"],
+        [HEAD],
+        [],
+    ]
