@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import uuid
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 
 from api import processes
+from loadtest import arguments
 from loadtest import report as reports
 from loadtest.questions import POPULAR
 from loadtest.scenarios import SCENARIOS
@@ -33,32 +33,23 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_TARGET = f"http://127.0.0.1:{os.environ.get('NGINX_PORT', '8080')}"
 
 
-def _duration(text: str) -> str:
-    if not re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", text) or not text:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration like 60s, 5m, 1h30m")
-    return text
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
-    return int(text)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="a headless run and its report")
     run.add_argument("--target", default=DEFAULT_TARGET, help="base URL (default: the stack)")
-    run.add_argument("--users", type=_positive, default=20)
+    run.add_argument("--users", type=arguments.positive_int, default=20)
     run.add_argument(
         "--spawn-rate", type=float, default=None, help="users/s (default: all at once)"
     )
-    run.add_argument("--duration", type=_duration, default="60s")
+    run.add_argument("--duration", type=arguments.duration, default="60s")
     run.add_argument("--scenario", choices=sorted(SCENARIOS), default="mixed")
     run.add_argument("--slo", type=Path, default=None, help="YAML limits; a breach exits 1")
     run.add_argument(
-        "--processes", type=_positive, default=1, help="Locust worker processes (HDR merged)"
+        "--processes",
+        type=arguments.positive_int,
+        default=1,
+        help="Locust worker processes (HDR merged)",
     )
     run.add_argument("--out", type=Path, default=HERE / "reports")
     run.add_argument(
@@ -91,13 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="two reports side by side")
     compare.add_argument("old", type=Path)
     compare.add_argument("new", type=Path)
-    compare.add_argument("--threshold", type=float, default=0.10)
+    compare.add_argument("--threshold", type=arguments.fraction, default=0.10)
     return parser
-
-
-def _seconds(duration: str) -> float:
-    parts = re.findall(r"(\d+)([hms])", duration)
-    return float(sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts))
 
 
 def _warm(target: str) -> None:
@@ -109,12 +95,19 @@ def _warm(target: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     slo = reports.load_slo(args.slo) if args.slo else None
-    if args.shape == "breakpoint" and not (slo and slo.get("total")):
-        raise ValueError("--shape breakpoint needs --slo with `total` limits to break")
+    # min_rps is not judged on a ramp: its early, light seconds would always break it.
+    if args.shape == "breakpoint" and not set((slo or {}).get("total", {})) - {"min_rps"}:
+        raise ValueError(
+            "--shape breakpoint needs --slo with `total` latency or error_rate limits to break"
+        )
     if args.shape and args.arrival_rate:
         raise ValueError("--shape shapes users; with --arrival-rate the rate is the shape")
     if args.arrival_rate < 0:
         raise ValueError("--arrival-rate must be positive")
+    if args.arrival_rate and args.users < args.processes:
+        # Each process sends its share of the rate with its own senders; Locust would
+        # give some processes none, and their share would silently go unsent.
+        raise ValueError("--arrival-rate needs --users >= --processes (each process's senders)")
     try:
         health = httpx.get(f"{args.target}/health", timeout=5)
     except httpx.HTTPError as exc:
@@ -126,7 +119,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"loadtest: {args.target}/health answered {health.status_code}", file=sys.stderr)
         return 1
     if args.scenario in ("cache-hit", "mixed"):
-        _warm(args.target)
+        try:
+            _warm(args.target)
+        except httpx.HTTPError as exc:
+            print(f"loadtest: warming the cache failed: {exc}", file=sys.stderr)
+            return 1
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     directory = args.out / stamp
     directory.mkdir(parents=True, exist_ok=True)
@@ -167,14 +164,14 @@ def run(args: argparse.Namespace) -> int:
         "LOADTEST_MAX_LATE": str(args.max_late),
         "LOADTEST_SHAPE": args.shape or "",
         "LOADTEST_USERS": str(args.users),
-        "LOADTEST_SECONDS": str(_seconds(args.duration)),
+        "LOADTEST_SECONDS": str(arguments.duration_seconds(args.duration)),
         "LOADTEST_SPAWN_RATE": str(args.spawn_rate or args.users),
         "LOADTEST_BREAKPOINT_SLO": json.dumps((slo or {}).get("total", {})),
         "LOADTEST_METRICS_PORT": str(args.metrics_port),
         "LOADTEST_TARGETS_DIR": str(args.prometheus_targets),
     }
     code, interrupted = _run_locust(command, env)
-    if (code != 0 and not interrupted) or not raw_path.exists():
+    if not raw_path.exists():
         print(f"loadtest: locust exited {code} without results", file=sys.stderr)
         return 1
     raw = json.loads(raw_path.read_text())
@@ -202,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         print("loadtest: interrupted; the report covers the run until then", file=sys.stderr)
         return 130
+    if code != 0:  # the figures were written; what went wrong is in Locust's output above
+        print(f"loadtest: locust exited {code}; the report is written", file=sys.stderr)
+        return 1
     if found:
         print("SLO breached:\n  " + "\n  ".join(found), file=sys.stderr)
         return 1

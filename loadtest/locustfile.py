@@ -27,6 +27,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ import gevent
 from locust import FastHttpUser, LoadTestShape, constant_pacing, events, task
 from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
-from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+from locust.runners import WORKER_REPORT_INTERVAL, LocalRunner, MasterRunner, WorkerRunner
 
 from loadtest import live
 from loadtest.hdr import DERIVED, Aggregate, Recorder
@@ -51,6 +52,10 @@ ARRIVAL_RATE = float(os.environ.get("LOADTEST_ARRIVAL_RATE", "0"))  # per proces
 MAX_LATE_S = float(os.environ.get("LOADTEST_MAX_LATE", "1.0"))
 LATE_S = 0.010  # a send this much behind its schedule is late
 SHAPE = os.environ.get("LOADTEST_SHAPE", "")
+# Every upload changes the corpus and so retires every cached answer: in the mixed
+# scenario uploads are paced, as they are in real use (closed model: per upload user;
+# open model: per process); alone, they run flat out.
+INGEST_EVERY_S = float(os.environ.get("LOADTEST_INGEST_EVERY", "0"))
 
 _recorder = Recorder()
 _aggregate = Aggregate()
@@ -200,10 +205,7 @@ class StreamingUser(_KindUser):
 
 class IngestUser(_KindUser):
     weight = KINDS["IngestUser"][1]
-    # Every upload changes the corpus and so retires every cached answer: in the mixed
-    # scenario uploads are paced (LOADTEST_INGEST_EVERY seconds per user), as they are in
-    # real use; alone, they run flat out.
-    wait_time = constant_pacing(float(os.environ.get("LOADTEST_INGEST_EVERY", "0")))
+    wait_time = constant_pacing(INGEST_EVERY_S)
 
 
 # --- the open model
@@ -224,9 +226,23 @@ class _Schedule:
 
 
 _schedule = _Schedule(ARRIVAL_RATE) if ARRIVAL_RATE > 0 else None
-# The open model's mix, drawn from on every send: built once.
+# The open model's mix, drawn from on every send: built once. Uploads, when paced, are
+# drawn only once INGEST_EVERY_S has passed since this process's last one.
 _mix_requests = [KINDS[name][0] for name in SCENARIOS.get(SCENARIO, [])]
 _mix_weights = [KINDS[name][1] for name in SCENARIOS.get(SCENARIO, [])]
+_query_requests = [r for r in _mix_requests if r is not ingest]
+_query_weights = [w for r, w in zip(_mix_requests, _mix_weights, strict=True) if r is not ingest]
+_last_upload = [-float("inf")]
+
+
+def _draw() -> Request:
+    request = random.choices(_mix_requests, weights=_mix_weights)[0]
+    if request is ingest and INGEST_EVERY_S > 0 and _query_requests:
+        now = time.perf_counter()
+        if now - _last_upload[0] < INGEST_EVERY_S:
+            return random.choices(_query_requests, weights=_query_weights)[0]
+        _last_upload[0] = now
+    return request
 
 
 class OpenModelUser(FastHttpUser):
@@ -250,8 +266,7 @@ class OpenModelUser(FastHttpUser):
             return
         _schedule.late += behind > LATE_S
         _schedule.sent += 1
-        request = random.choices(_mix_requests, weights=_mix_weights)[0]
-        request(self.client, slot)
+        _draw()(self.client, slot)
 
 
 # --- load shapes
@@ -314,16 +329,52 @@ def _payload() -> dict[str, Any]:
 @events.report_to_master.add_listener
 def _to_master(client_id: str, data: dict[str, Any]) -> None:
     data["hdr"] = _payload()
+    # The master quits once each worker has reported with no user left (see below).
+    data["users_running"] = _runner[0].user_count if _runner else 0
 
 
 @events.worker_report.add_listener
 def _from_worker(client_id: str, data: dict[str, Any]) -> None:
     if "hdr" in data:
         _aggregate.add(data["hdr"], source=client_id)
+    if "stop" in _run and data.get("users_running") == 0:
+        _finished_workers.add(client_id)
+
+
+_runner: list[Any] = []  # this process's runner, from init
+_finished_workers: set[str] = set()
+
+
+def _quit_after_final_reports(runner: MasterRunner) -> None:
+    """Locust's master quits 0.5 s after telling its workers to, but a worker first lets
+    its users finish their requests (up to --stop-timeout) and only then sends its last
+    figures, so a run's slowest requests, those still running at its end, were lost
+    (locustio/locust#1426). This master stops the users first, waits for a report from
+    each worker sent after its last user ended (they report every 3 s), then quits."""
+    quit_now = runner.quit
+
+    def quit() -> None:
+        workers = set(runner.clients.keys())
+        runner.stop()  # returns once no worker has users left (up to --stop-timeout + 60 s)
+        deadline = time.monotonic() + 3 * WORKER_REPORT_INTERVAL
+        while not workers <= _finished_workers and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        if missing := workers - _finished_workers:
+            print(
+                f"loadtest: no final report from {len(missing)} worker process(es): "
+                "the requests they ran last are not counted",
+                file=sys.stderr,
+            )
+        quit_now()
+
+    runner.quit = quit  # type: ignore[method-assign]
 
 
 @events.init.add_listener
 def _on_init(environment: Environment, **_: Any) -> None:
+    _runner[:] = [environment.runner]
+    if isinstance(environment.runner, MasterRunner):
+        _quit_after_final_reports(environment.runner)
     if not isinstance(environment.runner, WorkerRunner):
         collector = live.LiveCollector(
             lambda: [

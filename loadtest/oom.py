@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from api.runner import gunicorn_command
+from loadtest import arguments
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -261,8 +262,9 @@ def _start_replica(
         "INGEST_ON_START": "false",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics),
         "OTEL_SDK_DISABLED": "true",
+        # Empty, not unset: unset, the replica would take REDIS_URL from a .env file.
+        "REDIS_URL": "",
     }
-    env.pop("REDIS_URL", None)
     with log.open("ab") as out:
         process = subprocess.Popen(
             gunicorn_command(),
@@ -477,9 +479,9 @@ Recovered afterwards: {result["recovered"]}.</p>
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.oom")
     parser.add_argument("--limit", default="1536M", help="memory limit, e.g. 1536M or 2G")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--stage-seconds", type=float, default=10.0)
-    parser.add_argument("--stages", type=int, default=8)
+    parser.add_argument("--workers", type=arguments.positive_int, default=2)
+    parser.add_argument("--stage-seconds", type=arguments.positive_seconds, default=10.0)
+    parser.add_argument("--stages", type=arguments.positive_int, default=8)
     parser.add_argument("--out", type=Path, default=HERE / "reports")
     parser.add_argument("--keep", action="store_true", help="keep the replica's log and data")
     parser.add_argument(
@@ -492,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     text = args.limit.strip().upper()
     try:
         limit = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, OverflowError):
+        limit = 0
+    # cgroup v1 reads -1 as "no limit"; a limit below a page is no limit either.
+    if limit < 4096:
         parser.error(f"--limit {args.limit!r}: expected bytes or a size like 1536M")
     try:
         result = find(

@@ -214,7 +214,8 @@ def compare(old: dict[str, Any], new: dict[str, Any], threshold: float) -> tuple
     more."""
     lines = [f"{'entry':40} {'figure':>8} {'old':>10} {'new':>10} {'change':>8}"]
     regressed = False
-    scopes = [*old["endpoints"], "total"]
+    scopes = [*old["endpoints"], *(e for e in new["endpoints"] if e not in old["endpoints"])]
+    scopes.append("total")
     for scope in scopes:
         a = old["total"] if scope == "total" else old["endpoints"].get(scope)
         b = new["total"] if scope == "total" else new["endpoints"].get(scope)

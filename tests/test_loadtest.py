@@ -93,6 +93,26 @@ def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path
         )
 
 
+def test_a_multi_process_run_counts_the_answers_still_running_at_its_end(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """LLM answers take seconds, so some are running when the run's time is up. Locust's
+    master used to quit before its workers had reported them (locustio/locust#1426)."""
+    code, report, output = _run_in(
+        tmp_path, topology, "--scenario", "cache-miss", "--users", "2", "--processes", "2",
+        "--duration", "6s",
+    )  # fmt: skip
+    assert code == 0, output[-4000:]
+    prefix = f"lt-{report['run_id']}-"
+    seen = [
+        line
+        for line in (topology.log_dir / "nginx-access.log").read_text().splitlines()
+        if prefix in line
+    ]
+    assert report["total"]["requests"] == len(seen) > 0, output[-2000:]
+    assert report["total"]["failures"] == 0
+
+
 def test_an_slo_breach_fails_the_run_and_still_writes_the_report(
     topology: Topology, tmp_path: Path
 ) -> None:
@@ -117,6 +137,31 @@ def test_bad_input_is_a_clear_error_before_any_load(tmp_path: Path) -> None:
     assert run.returncode == 2 and "duration" in run.stderr
     run = _loadtest("run", "--target", "http://127.0.0.1:9", "--out", str(tmp_path))
     assert run.returncode == 1 and "does not answer" in run.stderr
+    run = _loadtest("run", "--duration", "0m0s", "--target", "http://127.0.0.1:9")
+    assert run.returncode == 2 and "at least 1s" in run.stderr  # Locust: zero is forever
+    run = _loadtest(
+        "run", "--arrival-rate", "50", "--users", "1", "--processes", "2",
+        "--target", "http://127.0.0.1:9",
+    )  # fmt: skip
+    assert run.returncode == 2 and "--users >= --processes" in run.stderr
+    slo.write_text("total: {min_rps: 10}\n")
+    run = _loadtest(
+        "run", "--shape", "breakpoint", "--slo", str(slo), "--target", "http://127.0.0.1:9"
+    )  # fmt: skip
+    assert run.returncode == 2 and "latency or error_rate" in run.stderr
+    run = _loadtest("compare", str(slo), str(slo), "--threshold", "nan")
+    assert run.returncode == 2 and "fraction" in run.stderr
+    for args in (
+        ["--limit", "-1"],
+        ["--workers", "0"],
+        ["--stages", "0"],
+        ["--stage-seconds", "-1"],
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "loadtest.oom", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert run.returncode == 2 and args[0] in run.stderr, (args, run.stderr)
     assert list(tmp_path.iterdir()) == [slo]
 
 
@@ -147,6 +192,15 @@ def test_compare_flags_regressions_beyond_the_threshold(tmp_path: Path) -> None:
     assert run.returncode == 1
     worse = {line.split()[-5] for line in run.stdout.splitlines() if line.endswith("WORSE")}
     assert worse == {"rps", "error_rate"}
+
+
+def test_compare_shows_entries_only_one_run_has() -> None:
+    old, new = _report(100, 50), _report(100, 50)
+    new["endpoints"] = {"POST /documents": new["total"]}  # type: ignore[assignment]
+    table, regressed = reports.compare(old, new, 0.10)
+    only = {line.split("  ")[0]: line.split()[-2] for line in table.splitlines() if "only" in line}
+    assert only == {"POST /query [hit]": "old", "POST /documents": "new"}
+    assert not regressed  # totals equal; a different mix is shown, not judged
 
 
 def test_compare_judges_failure_rates_not_counts() -> None:
@@ -391,3 +445,31 @@ def test_ctrl_c_stops_the_run_gracefully_and_still_reports(
     assert report["interrupted"] is True and report["total"]["requests"] > 0
     assert report["duration_s"] < 60
     assert json.loads((targets / "loadtest.json").read_text()) == []  # withdrawn
+
+
+def test_the_open_model_paces_uploads_in_the_mixed_scenario() -> None:
+    """Each upload retires the answer cache: the open model draws one per 10 s per
+    process, as the closed model's upload users pace themselves, not a tenth of the rate."""
+    code = (
+        "from loadtest import locustfile as lf\n"
+        "draws = [lf._draw() for _ in range(2000)]\n"
+        "print(sum(d is lf.ingest for d in draws), sum(d is lf.ask_popular for d in draws))\n"
+    )
+    env = {
+        **os.environ,
+        "LOADTEST_SCENARIO": "mixed",
+        "LOADTEST_ARRIVAL_RATE": "100",
+        "LOADTEST_INGEST_EVERY": "10",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+        check=True,
+    )  # fmt: skip
+    uploads, popular = map(int, run.stdout.split()[-2:])
+    assert uploads == 1
+    assert popular > 1000  # the other draws follow the queries' weights (6 of 9 popular)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**env, "LOADTEST_INGEST_EVERY": "0", "LOADTEST_SCENARIO": "ingest"}, check=True,
+    )  # fmt: skip
+    assert run.stdout.split()[-2:] == ["2000", "0"]  # alone, uploads run flat out
