@@ -85,8 +85,9 @@ class Topology:
             prometheus_port=_port(env, "PROMETHEUS_PORT", 9090),
             nginx_exporter_port=_port(env, "NGINX_EXPORTER_PORT", 9113),
             redis_exporter_port=_port(env, "REDIS_EXPORTER_PORT", 9121),
-            stack_dir=Path(env.get("STACK_DIR", str(ROOT / "var"))).resolve(),
+            stack_dir=_writable_path("STACK_DIR", Path(env.get("STACK_DIR", str(ROOT / "var")))),
         )
+        _writable_path("the checkout's path", ROOT)
         last = topology.replica_port(topology.replicas)
         if last > 65535:
             raise SystemExit(
@@ -167,6 +168,25 @@ class Topology:
 
 # --- rendering
 _PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+# What no generated file can carry as it is: supervisord's environment= values cannot
+# hold quotes, nginx reads $ as a variable, and a control character ends a line.
+_UNWRITABLE = re.compile(r"[\"'\\$\x00-\x1f\x7f]")
+
+
+def _writable_path(name: str, path: Path) -> Path:
+    """A path the generated configs can name: spaces, % and non-ASCII are quoted or
+    escaped where they go; quotes, backslashes, $ and control characters are refused."""
+    resolved = path.resolve()
+    if bad := _UNWRITABLE.search(str(resolved)):
+        raise SystemExit(
+            f"{name} {str(resolved)!r}: the stack's config files cannot name a path with "
+            f"{bad.group()!r} in it; use another directory"
+        )
+    return resolved
+
+
+def _nginx_path(path: Path) -> str:
+    return f'"{path}"'  # spaces; _writable_path refused what a quoted string cannot hold
 
 
 def render_template(text: str, values: dict[str, str]) -> str:
@@ -208,8 +228,8 @@ def _nginx_main(topology: Topology) -> str:
 # worker near 500 clients, well under worker_connections.
 worker_rlimit_nofile 16384;
 daemon off;
-pid {topology.run_dir / "nginx.pid"};
-error_log {topology.log_dir / "nginx-error.log"} warn;
+pid {_nginx_path(topology.run_dir / "nginx.pid")};
+error_log {_nginx_path(topology.log_dir / "nginx-error.log")} warn;
 
 events {{
     worker_connections 4096;
@@ -221,13 +241,13 @@ http {{
     sendfile on;
     tcp_nodelay on;
     keepalive_timeout 65s;
-    client_body_temp_path {temp / "body"};
-    proxy_temp_path {temp / "proxy"};
-    fastcgi_temp_path {temp / "fastcgi"};
-    uwsgi_temp_path {temp / "uwsgi"};
-    scgi_temp_path {temp / "scgi"};
+    client_body_temp_path {_nginx_path(temp / "body")};
+    proxy_temp_path {_nginx_path(temp / "proxy")};
+    fastcgi_temp_path {_nginx_path(temp / "fastcgi")};
+    uwsgi_temp_path {_nginx_path(temp / "uwsgi")};
+    scgi_temp_path {_nginx_path(temp / "scgi")};
 
-    include {nginx_dir / "rag.conf"};
+    include {_nginx_path(nginx_dir / "rag.conf")};
 }}
 """
 
@@ -254,13 +274,18 @@ def _redis_conf(topology: Topology) -> str:
 bind {HOST}
 port {topology.redis_port}
 protected-mode yes
-requirepass {json.dumps(topology.redis_password())}
-dir {topology.stack_dir / "redis"}
+requirepass {_redis_string(topology.redis_password())}
+dir {_redis_string(str(topology.stack_dir / "redis"))}
 appendonly yes
 appendfsync everysec
 save 300 10
 daemonize no
 """
+
+
+def _redis_string(value: str) -> str:
+    # redis.conf's quoted strings take \" and \\ escapes and raw UTF-8 (not \\u).
+    return json.dumps(value, ensure_ascii=False)
 
 
 # supervisord starts programs by priority, lowest first, and stops them in reverse: the
@@ -275,7 +300,7 @@ def _program(name: str, command: list[str], topology: Topology, role: str, **ext
         f"[program:{name}]",
         f"priority={PRIORITIES[role]}",
         "command=" + " ".join(_quote(part) for part in command),
-        f"directory={ROOT}",
+        f"directory={_supervisor_text(str(ROOT))}",
         "autostart=true",
         # Restarted whenever it exits, whatever the exit code: a replica killed by the
         # kernel's OOM killer exits 137, which is exactly when it must come back.
@@ -287,7 +312,9 @@ def _program(name: str, command: list[str], topology: Topology, role: str, **ext
         "killasgroup=true",
         f"stopwaitsecs={STOP_WAIT_SECONDS}",
         "redirect_stderr=true",
-        f"stdout_logfile={topology.log_dir / (name + '.log')}",
+        # Expanded twice by supervisord (4.3), where every other value is expanded once.
+        "stdout_logfile="
+        + _supervisor_text(_supervisor_text(str(topology.log_dir / f"{name}.log"))),
         "stdout_logfile_maxbytes=50MB",
         "stdout_logfile_backups=3",
     ]
@@ -295,9 +322,16 @@ def _program(name: str, command: list[str], topology: Topology, role: str, **ext
     return "\n".join(lines) + "\n"
 
 
+def _supervisor_text(text: str) -> str:
+    # supervisord expands %(name)s in its values: a literal % is written %%.
+    return text.replace("%", "%%")
+
+
 def _quote(part: str) -> str:
-    # supervisord splits commands shell-style.
-    return part if re.fullmatch(r"[A-Za-z0-9_./:=,@%+-]+", part) else json.dumps(part)
+    # supervisord splits commands as a POSIX shell would: \" and \\ inside double
+    # quotes, everything else (UTF-8 included) as it is.
+    bare = re.fullmatch(r"[A-Za-z0-9_./:=,@%+-]+", part)
+    return _supervisor_text(part if bare else json.dumps(part, ensure_ascii=False))
 
 
 def _bare_env(extra: dict[str, str]) -> list[str]:
@@ -307,8 +341,12 @@ def _bare_env(extra: dict[str, str]) -> list[str]:
 
 
 def _environment(env: dict[str, str]) -> str:
-    # supervisord expands %(name)s in its values: a literal % is written %%.
-    return ",".join(f"{k}={json.dumps(v).replace('%', '%%')}" for k, v in env.items())
+    """supervisord's environment=: its parser (non-POSIX shlex) takes a double-quoted
+    value as it is, with no escapes, and strips quotes from both ends."""
+    for key, value in env.items():
+        if bad := _UNWRITABLE.search(value):
+            raise ValueError(f"{key}: {bad.group()!r} cannot be passed through supervisord")
+    return ",".join(f'{k}="{_supervisor_text(v)}"' for k, v in env.items())
 
 
 def write_private(path: Path, text: str) -> None:
@@ -352,13 +390,13 @@ def _supervisord(topology: Topology) -> str:
     parts = [
         f"""; Generated by deployment/topology.py: the native production topology.
 [unix_http_server]
-file={run / "supervisor.sock"}
+file={_supervisor_text(str(run / "supervisor.sock"))}
 chmod=0700
 
 [supervisord]
-logfile={logs / "supervisord.log"}
-pidfile={run / "supervisord.pid"}
-childlogdir={logs}
+logfile={_supervisor_text(str(logs / "supervisord.log"))}
+pidfile={_supervisor_text(str(run / "supervisord.pid"))}
+childlogdir={_supervisor_text(str(logs))}
 nodaemon=false
 silent=true
 ; Its programs inherit it: nginx's workers and the replicas hold a descriptor per client.
@@ -368,7 +406,7 @@ minfds=16384
 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 
 [supervisorctl]
-serverurl=unix://{run / "supervisor.sock"}
+serverurl=unix://{_supervisor_text(str(run / "supervisor.sock"))}
 """
     ]
     parts.append(
@@ -518,7 +556,7 @@ def render(topology: Topology) -> None:
     )
 
     template = (DEPLOYMENT / "nginx" / "rag.conf.template").read_text()
-    access_log = str(topology.log_dir / "nginx-access.log")
+    access_log = _nginx_path(topology.log_dir / "nginx-access.log")
     (stack / "nginx" / "rag.conf").write_text(
         render_template(template, nginx_values(topology, access_log))
     )

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import pwd
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,11 +20,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis as redis_client
 
 from api.config import get_settings
 from deployment import stack as native
-from deployment.topology import Topology, nginx_values, render_template
-from tests.servers import descendants, route_count, wait_until
+from deployment.topology import (
+    Topology,
+    nginx_values,
+    render,
+    render_template,
+    replica_env,
+)
+from tests.servers import Process, descendants, route_count, stack_on_free_ports, wait_until
 
 QUESTION = {"question": "How do I restore a backup?"}
 
@@ -332,3 +340,44 @@ def test_the_cli_names_a_busy_port_and_changes_nothing(topology: Topology, tmp_p
     assert not (tmp_path / "other" / "supervisord.conf").exists()
     status = cli("status")
     assert status.returncode == 1 and "no stack running" in status.stdout
+
+
+def test_awkward_paths_and_passwords_reach_every_program_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A space, a %, non-ASCII and quotes each mean something different to supervisord,
+    nginx and redis.conf: what each program reads back is what was meant."""
+    from supervisor.options import ServerOptions
+
+    password = 'pa"ss\\wörd%'
+    monkeypatch.setenv("REDIS_PASSWORD", password)
+    topology = stack_on_free_ports(tmp_path / "stack dir 50% josé", replicas=2, workers=1)
+    render(topology)
+
+    native.check_nginx(topology)  # nginx -t: the quoted paths parse
+    options = ServerOptions()
+    options.configfile = str(topology.stack_dir / "supervisord.conf")
+    options.process_config(do_usage=False)  # supervisord's own parser and % expansion
+    programs = {p.name: p for g in options.process_group_configs for p in g.process_configs}
+    for index, name in enumerate(topology.replica_names(), start=1):
+        assert programs[name].environment == replica_env(topology, index)
+    redis = programs["redis"]
+    assert redis.stdout_logfile == str(topology.log_dir / "redis.log")
+    assert shlex.split(redis.command)[-1] == str(topology.stack_dir / "redis.conf")
+
+    server = Process(shlex.split(redis.command), tmp_path / "redis.log", cwd=topology.stack_dir)
+    server.start()
+    try:
+        client = redis_client.Redis(port=topology.redis_port, password=password)
+        server.ready(lambda: bool(client.ping()), 30, "redis with the generated config")
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis(port=topology.redis_port, password="wrong").ping()
+    finally:
+        server.stop()
+    assert (topology.stack_dir / "redis" / "appendonlydir").is_dir()  # its dir, as written
+
+
+@pytest.mark.parametrize("awkward", ['say "hi"', "o'brien", "back\\slash", "$HOME", "line\nbreak"])
+def test_a_path_no_config_can_name_is_refused(tmp_path: Path, awkward: str) -> None:
+    with pytest.raises(SystemExit, match="cannot name a path"):
+        Topology.from_env({"STACK_DIR": str(tmp_path / awkward)})
