@@ -13,6 +13,7 @@ starts supervisord, waits until every part answers, and loads the sample corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -26,7 +27,14 @@ from pathlib import Path
 import httpx
 import redis
 
-from deployment.topology import HOST, STOP_WAIT_SECONDS, Topology, render
+from deployment.topology import (
+    HOST,
+    MEMBER_ENV,
+    STOP_WAIT_SECONDS,
+    Topology,
+    render,
+    stack_dir_from_env,
+)
 
 BINARIES = (
     "redis-server",
@@ -84,6 +92,11 @@ def _preflight(topology: Topology) -> None:
         raise StackError(f"not installed: {', '.join(missing)} (run `make system-deps`)")
     if _supervisord_pid(topology) is not None:
         raise StackError(f"a stack is already running from {topology.stack_dir}; stop it first")
+    if _members(topology):
+        raise StackError(
+            f"processes of the stack in {topology.stack_dir} still run, but its supervisord "
+            "does not: `make stack-down` stops them"
+        )
     busy = [f"{name} ({port})" for name, port in topology.ports().items() if not _port_free(port)]
     if busy:
         raise StackError(
@@ -178,6 +191,7 @@ def up(topology: Topology, timeout: float = 300) -> None:
     check_nginx(topology)
     subprocess.run(
         [sys.executable, "-m", "supervisor.supervisord", "-c", str(_conf(topology))],
+        env={**os.environ, MEMBER_ENV: str(topology.stack_dir)},  # its programs inherit it
         check=True,
         timeout=60,
     )
@@ -195,21 +209,69 @@ def down(topology: Topology, timeout: float | None = None) -> bool:
     is what that adds up to for the programs the running configuration holds."""
     pid = _supervisord_pid(topology)
     if pid is None:
-        return False
+        return _stop_orphans(topology)
     if timeout is None:
         programs = _conf(topology).read_text().count("[program:")
         timeout = STOP_WAIT_SECONDS * programs + 10
-    os.kill(pid, signal.SIGTERM)  # supervisord stops its programs (process groups), then exits
+    with contextlib.suppress(ProcessLookupError):  # it may have just exited
+        os.kill(pid, signal.SIGTERM)  # it stops its programs (process groups), then exits
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            _stop_orphans(topology)  # any it could not stop
             # nginx's spilled bodies, wherever they are (outside STACK_DIR as root).
             shutil.rmtree(topology.nginx_temp_dir, ignore_errors=True)
             return True
         time.sleep(0.2)
     raise StackError(f"supervisord (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+# Titles of programs that overwrite their environment, and name STACK_DIR in its place
+# (nginx's master its -p prefix, redis-server its config file); nginx's workers follow
+# their master.
+_TITLED = (b"nginx: master process ", b"redis-server ")
+
+
+def _members(topology: Topology) -> list[int]:
+    """Every running process the stack started: MEMBER_ENV in its environment (inherited
+    from supervisord or given by env -i), or a title above that names STACK_DIR."""
+    mark = f"\0{MEMBER_ENV}={topology.stack_dir}\0".encode()
+    place = f"{topology.stack_dir}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = b"\0" + (entry / "environ").read_bytes()
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:  # gone, or not ours to read
+            continue
+        if mark in environ or (title.startswith(_TITLED) and place in title):
+            found.append(int(entry.name))
+    return found
+
+
+def _stop_orphans(topology: Topology) -> bool:
+    """Processes the stack started and no supervisord stops any more (it was killed, or
+    the kernel's OOM killer took it): TERM, then KILL after STOP_WAIT_SECONDS. True if
+    there were any."""
+    orphans = _members(topology)
+    if not orphans:
+        return False
+    print(f"stack: supervisord is gone; stopping {len(orphans)} process(es) it had started")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while (orphans := _members(topology)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not orphans:
+            break
+    shutil.rmtree(topology.nginx_temp_dir, ignore_errors=True)
+    return True
 
 
 def _print_urls(topology: Topology) -> None:
@@ -234,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
     try:
-        topology = Topology.from_env()
+        # Stopping and inspecting need only STACK_DIR: the running configuration holds
+        # the rest, and a bad port in the shell must not keep a stack from stopping.
         if args.command == "up":
+            topology = Topology.from_env()
             up(topology)
             _print_urls(topology)
-        elif args.command == "down":
+            return 0
+        topology = Topology(stack_dir=stack_dir_from_env(dict(os.environ)))
+        if args.command == "down":
             print("stopped" if down(topology) else "no stack running")
         else:
             if _supervisord_pid(topology) is None:

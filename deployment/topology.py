@@ -85,7 +85,7 @@ class Topology:
             prometheus_port=_port(env, "PROMETHEUS_PORT", 9090),
             nginx_exporter_port=_port(env, "NGINX_EXPORTER_PORT", 9113),
             redis_exporter_port=_port(env, "REDIS_EXPORTER_PORT", 9121),
-            stack_dir=_writable_path("STACK_DIR", Path(env.get("STACK_DIR", str(ROOT / "var")))),
+            stack_dir=stack_dir_from_env(env),
         )
         _writable_path("the checkout's path", ROOT)
         last = topology.replica_port(topology.replicas)
@@ -185,6 +185,18 @@ def _writable_path(name: str, path: Path) -> Path:
     return resolved
 
 
+def stack_dir_from_env(env: dict[str, str]) -> Path:
+    """STACK_DIR alone: what stopping or inspecting a stack needs (its configuration holds
+    the rest), so a bad port setting in the shell cannot keep a stack from stopping."""
+    return _writable_path("STACK_DIR", Path(env.get("STACK_DIR", str(ROOT / "var"))))
+
+
+# Set in the environment of every process the stack starts (supervisord's, inherited, and
+# the env -i programs' own), so that they can be found even if supervisord has died;
+# nginx and redis-server overwrite theirs with their process titles, which name STACK_DIR.
+MEMBER_ENV = "RAG_STACK_MEMBER"
+
+
 def _nginx_path(path: Path) -> str:
     return f'"{path}"'  # spaces; _writable_path refused what a quoted string cannot hold
 
@@ -280,6 +292,9 @@ appendonly yes
 appendfsync everysec
 save 300 10
 daemonize no
+# Its process title names this file: redis-server rewrites its environment, so the
+# title is how `stack down` finds it if supervisord has died.
+proc-title-template "{{title}} {{listen-addr}} {{config-file}}"
 """
 
 
@@ -334,10 +349,11 @@ def _quote(part: str) -> str:
     return _supervisor_text(part if bare else json.dumps(part, ensure_ascii=False))
 
 
-def _bare_env(extra: dict[str, str]) -> list[str]:
+def _bare_env(topology: Topology, extra: dict[str, str]) -> list[str]:
     """A command prefix that runs the program with only these variables (env -i)."""
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    return ["env", "-i", *(f"{k}={v}" for k, v in {**keep, **extra}.items())]
+    mark = {MEMBER_ENV: str(topology.stack_dir)}
+    return ["env", "-i", *(f"{k}={v}" for k, v in {**keep, **mark, **extra}.items())]
 
 
 def _environment(env: dict[str, str]) -> str:
@@ -421,7 +437,8 @@ serverurl=unix://{_supervisor_text(str(run / "supervisor.sock"))}
         _program(
             "chroma",
             [
-                *_bare_env({"ANONYMIZED_TELEMETRY": "False"}),  # Chroma's telemetry phones home
+                # Chroma's telemetry phones home.
+                *_bare_env(topology, {"ANONYMIZED_TELEMETRY": "False"}),
                 str(Path(python).parent / "chroma"),
                 "run",
                 "--host",
@@ -441,7 +458,7 @@ serverurl=unix://{_supervisor_text(str(run / "supervisor.sock"))}
     parts.append(
         _program(
             "llm",
-            [*_bare_env({}), *llm_server_command(settings, _llm_model())],
+            [*_bare_env(topology, {}), *llm_server_command(settings, _llm_model())],
             topology,
             "dependency",
         )

@@ -381,3 +381,51 @@ def test_awkward_paths_and_passwords_reach_every_program_intact(
 def test_a_path_no_config_can_name_is_refused(tmp_path: Path, awkward: str) -> None:
     with pytest.raises(SystemExit, match="cannot name a path"):
         Topology.from_env({"STACK_DIR": str(tmp_path / awkward)})
+
+
+def test_every_program_of_the_stack_carries_its_mark(topology: Topology) -> None:
+    """What lets `stack down` find them if supervisord dies: the env -i programs too."""
+    members = set(native._members(topology))
+    names = [line.split()[0] for line in native.supervisorctl(topology, "status").splitlines()]
+    assert len(names) >= 9
+    assert [name for name in names if _pid(topology, name) not in members] == []
+
+
+def test_down_stops_what_a_dead_supervisord_left_running(tmp_path: Path) -> None:
+    stack_dir = tmp_path / "stack"
+    other = tmp_path / "other"
+
+    def sleeper(mark: Path | None) -> subprocess.Popen[bytes]:
+        env = {**os.environ}
+        if mark is not None:
+            env[native.MEMBER_ENV] = str(mark)
+        return subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
+
+    orphan, stranger, unmarked = sleeper(stack_dir), sleeper(other), sleeper(None)
+    try:
+        topology = Topology(stack_dir=stack_dir)
+        with pytest.raises(native.StackError, match="make stack-down"):
+            native.up(topology)  # refused: its ports may be held by the orphans
+        assert native.down(topology) is True
+        assert orphan.wait(10) == -signal.SIGTERM
+        assert stranger.poll() is None and unmarked.poll() is None  # not this stack's
+        assert native.down(topology) is False
+    finally:
+        for process in (orphan, stranger, unmarked):
+            process.kill()
+            process.wait(10)
+
+
+def test_stack_down_needs_only_the_stack_dir(tmp_path: Path) -> None:
+    """A bad port setting in the shell must not keep a stack from stopping."""
+    env = {**os.environ, "STACK_DIR": str(tmp_path), "NGINX_PORT": "not-a-port"}
+    run = subprocess.run(
+        [sys.executable, "-m", "deployment.stack", "down"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "no stack running", run.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "deployment.stack", "up"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode != 0 and "NGINX_PORT" in run.stderr
