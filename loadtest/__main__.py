@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, default=HERE / "reports")
     run.add_argument(
+        "--samples",
+        action="store_true",
+        help="also write every request's id, entry, time and outcome (samples/*.csv)",
+    )
+    run.add_argument(
         "--arrival-rate",
         type=float,
         default=0.0,
@@ -128,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     directory = args.out / stamp
     directory.mkdir(parents=True, exist_ok=True)
     raw_path = directory / "raw.json"
+    samples = directory / "samples"
+    if args.samples:
+        samples.mkdir()
     run_id = uuid.uuid4().hex[:8]
     command = [
         sys.executable,
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         **os.environ,
         "LOADTEST_RUN_ID": run_id,
         "LOADTEST_RAW": str(raw_path),
+        "LOADTEST_SAMPLES": str(samples) if args.samples else "",
         "LOADTEST_INGEST_EVERY": "10" if args.scenario == "mixed" else "0",
         "LOADTEST_SCENARIO": args.scenario,
         "LOADTEST_ARRIVAL_RATE": str(args.arrival_rate / args.processes),

@@ -22,6 +22,7 @@ can be found in nginx's and the API's logs.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -52,6 +53,7 @@ ARRIVAL_RATE = float(os.environ.get("LOADTEST_ARRIVAL_RATE", "0"))  # per proces
 MAX_LATE_S = float(os.environ.get("LOADTEST_MAX_LATE", "1.0"))
 LATE_S = 0.010  # a send this much behind its schedule is late
 SHAPE = os.environ.get("LOADTEST_SHAPE", "")
+SAMPLES_DIR = os.environ.get("LOADTEST_SAMPLES", "")  # every request's row (--samples)
 # Every upload changes the corpus and so retires every cached answer: in the mixed
 # scenario uploads are paced, as they are in real use (closed model: per upload user;
 # open model: per process); alone, they run flat out.
@@ -123,13 +125,15 @@ def ingest(client: FastHttpSession, started: float) -> None:
 def ask_streaming(client: FastHttpSession, started: float) -> None:
     first_token: float | None = None
     body = b""
+    headers = _request_id("stream")
     with client.post(
         "/query",
         json={"question": _next_question(), "stream": True},
         name="POST /query [stream] complete",
-        headers=_request_id("stream"),
+        headers=headers,
         stream=True,
         catch_response=True,
+        context={"request_id": headers["X-Request-ID"]},
     ) as response:
         broken = False
         try:
@@ -167,7 +171,14 @@ def _timed_post(
     body: dict[str, Any],
     headers: dict[str, str],
 ) -> None:
-    with client.post(path, json=body, name=name, headers=headers, catch_response=True) as r:
+    with client.post(
+        path,
+        json=body,
+        name=name,
+        headers=headers,
+        catch_response=True,
+        context={"request_id": headers["X-Request-ID"]},
+    ) as r:
         r.request_meta["response_time"] = (time.perf_counter() - started) * 1000
 
 
@@ -303,9 +314,37 @@ if (_shape := _shape_class()) is not None:
 # --- HDR recording, merged across worker processes
 @events.request.add_listener
 def _on_request(
-    request_type: str, name: str, response_time: float, exception: Any = None, **_: Any
+    request_type: str,
+    name: str,
+    response_time: float,
+    exception: Any = None,
+    context: dict[str, Any] | None = None,
+    **_: Any,
 ) -> None:
-    _recorder.record(name, request_type, response_time, failed=exception is not None)
+    failed = exception is not None
+    _recorder.record(name, request_type, response_time, failed=failed)
+    if SAMPLES_DIR and request_type != DERIVED:
+        _sample((context or {}).get("request_id", ""), name, response_time, failed)
+
+
+_samples: list[Any] = []  # this process's csv writer and file, opened on first use
+
+
+def _sample(request_id: str, name: str, ms: float, failed: bool) -> None:
+    """One row per request, in a file per process: its id (as nginx and the API log it),
+    entry, time as the report counts it, and outcome."""
+    if not _samples:
+        out = (Path(SAMPLES_DIR) / f"samples-{os.getpid()}.csv").open("w", newline="")
+        writer = csv.writer(out)
+        writer.writerow(["request_id", "entry", "ms", "failed"])
+        _samples.extend((writer, out))
+    _samples[0].writerow([request_id, name, f"{ms:.3f}", int(failed)])
+
+
+@events.quitting.add_listener
+def _close_samples(**_: Any) -> None:
+    if _samples:
+        _samples[1].close()
 
 
 def _generator_stats() -> dict[str, Any]:

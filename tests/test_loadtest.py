@@ -1,12 +1,14 @@
 """The load-test harness against the real native stack: what it reports must be what the
-servers saw, request for request, and its percentiles what nginx measured."""
+servers saw, request for request, each request's time within what nginx measured."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import json
 import os
+import statistics
 import subprocess
 import sys
 import termios
@@ -56,7 +58,7 @@ def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path
     before = sum(route_count(topology, "/documents").values())
     code, report, output = _run_in(
         tmp_path, topology, "--scenario", "ingest", "--users", "3", "--duration", "10s",
-        "--processes", "2", "--slo", str(slo),
+        "--processes", "2", "--slo", str(slo), "--samples",
     )  # fmt: skip
     assert code == 0, output[-4000:]
     served = sum(route_count(topology, "/documents").values()) - before
@@ -72,25 +74,30 @@ def test_a_run_reports_exactly_what_the_servers_saw(topology: Topology, tmp_path
     assert set(report) >= {"total", "endpoints"}
     assert set(total) >= {"requests", "failures", "rps", "p50", "p90", "p95", "p99", "p999", "max"}
 
-    # The same requests as nginx saw them, found by the run's request ids.
-    prefix = f"lt-{report['run_id']}-ingest-"
-    lines = [
-        json.loads(line)
-        for line in (topology.log_dir / "nginx-access.log").read_text().splitlines()
-        if prefix in line
-    ]
-    assert len(lines) == entry["requests"]
-    edge = [float(line["request_time"]) * 1000 for line in lines]
+    # Every request as the client timed it (--samples), and as nginx saw it, by request id.
+    client = {
+        row["request_id"]: float(row["ms"])
+        for path in (latest / "samples").glob("samples-*.csv")
+        for row in csv.DictReader(path.open())
+    }
+    assert len(client) == entry["requests"]
+    times = list(client.values())
     for key, p in (("p50", 50), ("p90", 90), ("p99", 99)):
-        # Locust times from the client, nginx from the edge: within 5%, or 10 ms, which a
-        # scheduling pause of the client on this 2-core machine (shared with the whole
-        # stack) can add to its slowest request, the p99 of a few dozen.
-        allowed = max(0.05 * _percentile(edge, p), 10.0)
-        assert abs(entry[key] - _percentile(edge, p)) <= allowed, (
-            key,
-            entry[key],
-            _percentile(edge, p),
-        )
+        # The report's percentiles are the samples' (HDR keeps 3 significant digits).
+        assert abs(entry[key] - _percentile(times, p)) <= 0.001 * _percentile(times, p) + 0.01
+    prefix = f"lt-{report['run_id']}-ingest-"
+    logged = (topology.log_dir / "nginx-access.log").read_text().splitlines()
+    edge = {
+        line["request_id"]: float(line["request_time"]) * 1000
+        for line in map(json.loads, logged)
+        if line["request_id"].startswith(prefix)
+    }
+    assert edge.keys() == client.keys()
+    # nginx's time lies inside the client's (it starts after the send and ends before the
+    # answer arrives); both clocks have millisecond steps. A late-scheduled client can add
+    # to one request, not to all: the typical gap is small.
+    assert all(client[rid] >= edge[rid] - 2.0 for rid in client)
+    assert statistics.median(client[rid] - edge[rid] for rid in client) < 10.0
 
 
 def test_a_multi_process_run_counts_the_answers_still_running_at_its_end(

@@ -43,7 +43,9 @@ def _load(url: str, seconds: float, clients: int, body: dict[str, str]) -> list[
     stop = time.monotonic() + seconds
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=30) as http:
+        # As long as nginx waits for a replica (proxy_read_timeout): a slow answer while
+        # the killed one boots again is slow, not lost.
+        with httpx.Client(base_url=url, timeout=120) as http:
             while time.monotonic() < stop:
                 try:
                     status = http.post("/query", json=body).status_code
