@@ -203,7 +203,7 @@ def test_compare_flags_regressions_beyond_the_threshold(tmp_path: Path) -> None:
 
 def test_compare_shows_entries_only_one_run_has() -> None:
     old, new = _report(100, 50), _report(100, 50)
-    new["endpoints"] = {"POST /documents": new["total"]}  # type: ignore[assignment]
+    new["endpoints"] = {"POST /documents": new["total"]}
     table, regressed = reports.compare(old, new, 0.10)
     only = {line.split("  ")[0]: line.split()[-2] for line in table.splitlines() if "only" in line}
     assert only == {"POST /query [hit]": "old", "POST /documents": "new"}

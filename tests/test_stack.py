@@ -25,6 +25,7 @@ import redis as redis_client
 from api.config import get_settings
 from deployment import stack as native
 from deployment.topology import (
+    MEMBER_ENV,
     Topology,
     nginx_values,
     render,
@@ -400,7 +401,7 @@ def test_down_stops_what_a_dead_supervisord_left_running(tmp_path: Path) -> None
     def sleeper(mark: Path | None) -> subprocess.Popen[bytes]:
         env = {**os.environ}
         if mark is not None:
-            env[native.MEMBER_ENV] = str(mark)
+            env[MEMBER_ENV] = str(mark)
         return subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
 
     orphan, stranger, unmarked = sleeper(stack_dir), sleeper(other), sleeper(None)
