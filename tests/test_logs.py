@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import select
+import subprocess
 import sys
 import threading
 import time
@@ -28,7 +30,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from api.middleware import RequestTelemetry
 from api.telemetry import flusher, logs, traces
 from api.telemetry.spans import LeanTracerProvider
-from tests.servers import wait_until
+from tests.servers import ROOT, wait_until
 
 
 class _Stderr:
@@ -335,3 +337,46 @@ def test_a_failure_of_the_request_telemetry_itself_is_still_a_json_500(make_clie
         # As a server sees it: the exception goes on to the server after the answer.
         response = TestClient(client.app, raise_server_exceptions=False).get("/health")
     assert response.status_code == 500 and response.json() == {"detail": "internal error"}
+
+
+WRITER = """
+import sys
+import structlog
+from api.telemetry import logs
+
+logs.configure_logging("info", "json", buffered=True)
+log = structlog.get_logger("writer")
+for n in range(int(sys.argv[1])):
+    log.info("long", n=n, payload="x" * 9000)  # past PIPE_BUF: a traceback's size
+    if n % 8 == 7:
+        logs.LINES.flush()
+logs.LINES.flush()
+"""
+
+
+def test_long_lines_from_several_processes_on_one_pipe_stay_whole() -> None:
+    """A replica's workers share one pipe to the supervisor; a write past PIPE_BUF can be
+    cut into by another writer once the pipe is full. Each line must still parse."""
+    processes, lines_each = 4, 120
+    read_end, write_end = os.pipe()
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(lines_each)],
+            stderr=write_end,
+            cwd=ROOT,
+        )
+        for _ in range(processes)
+    ]
+    os.close(write_end)
+    received = bytearray()
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        # A slow reader, as a busy supervisor is: the pipe fills and writers wait in it.
+        while chunk := pipe.read(4096):
+            received += chunk
+            time.sleep(0.0005)
+    for writer in writers:
+        assert writer.wait(60) == 0
+    lines = bytes(received).splitlines()
+    parsed = [json.loads(line) for line in lines]  # fails on a line cut into by another
+    assert len(parsed) == processes * lines_each
+    assert all(len(line["payload"]) == 9000 for line in parsed)

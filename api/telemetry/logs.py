@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -119,6 +120,9 @@ class _Lines:
     def _reset(self) -> None:
         self._lines: list[bytes] = []
         self._lock = threading.RLock()
+        # A parent's descriptor is its lock, not this process's: forgotten, not closed
+        # (closing it could not release the parent's lock, but a new open would reuse it).
+        self._pipe_lock: tuple[tuple[int, int], int] | None = None
 
     def add(self, line: bytes, urgent: bool) -> None:
         with self._lock:
@@ -145,8 +149,15 @@ class _Lines:
             # Looked up per write, not bound once: loggers cached on first use keep
             # working when the stream is replaced (pytest's capture does that).
             stream = sys.stderr.buffer
-            for chunk in _chunks(lines):
-                _write_all(stream, chunk)
+            lock = self._lock_for(stream)
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                for chunk in _chunks(lines):
+                    _write_all(stream, chunk)
+            finally:
+                if lock is not None:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
         except (OSError, ValueError) as exc:  # a closed or broken stderr: lines are lost
             if not self._failed:  # and it is said once, where it can still be said
                 self._failed = True
@@ -154,6 +165,34 @@ class _Lines:
                     os.write(2, f"log lines lost: stderr failed: {exc!r}\n".encode())
         else:
             self._failed = False
+
+    def _lock_for(self, stream: Any) -> int | None:
+        """A descriptor of this process's own for what `stream` writes to, to flock.
+
+        A replica's workers share one pipe to the supervisor, and only a write of up to
+        PIPE_BUF bytes is never cut into by another's: a longer line (a traceback) could
+        come out interleaved with another worker's lines. An exclusive flock held for
+        each write keeps every process that logs this way out of the others' writes.
+        flock belongs to an open file description, and an inherited stderr shares its
+        parent's, so each process opens the pipe (or terminal, or file) again for its
+        own. None where that cannot be done (a socket, a stream with no descriptor)."""
+        try:
+            target = stream.fileno()
+            status = os.fstat(target)
+        except (OSError, ValueError, AttributeError):
+            return None
+        # By what it is, not by descriptor number: a log reopen dup2s a new file onto 2.
+        key = (status.st_dev, status.st_ino)
+        if self._pipe_lock is None or self._pipe_lock[0] != key:
+            try:
+                # Non-blocking: opening a named pipe for writing may wait for a reader.
+                own = os.open(f"/proc/self/fd/{target}", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                return None
+            if self._pipe_lock is not None:
+                os.close(self._pipe_lock[1])
+            self._pipe_lock = (key, own)
+        return self._pipe_lock[1]
 
 
 def _write_all(stream: Any, data: bytes) -> None:
@@ -166,9 +205,9 @@ def _write_all(stream: Any, data: bytes) -> None:
 
 
 def _chunks(lines: list[bytes]) -> Iterator[bytes]:
-    """Whole lines, at most PIPE_BUF bytes to a write where they fit. A replica's workers
-    share one pipe to the supervisor, and only a write that size is never cut into by
-    another worker's; a longer line (a traceback) still can be."""
+    """Whole lines, at most PIPE_BUF bytes to a write where they fit: such a write is
+    never cut into by a writer that does not take the lock above (another program on
+    the same pipe)."""
     chunk: list[bytes] = []
     size = 0
     for line in lines:
