@@ -291,7 +291,8 @@ def test_the_open_model_keeps_its_schedule_and_charges_the_queue(
     assert code == 0, output[-2000:]
     sent = report["generator"]["sent"]
     assert report["model"] == "open" and report["total"]["requests"] == sent
-    assert abs(sent - 200) <= 10  # 40/s for 5 s
+    # 40/s for the run's window (5 s, or a little more if a busy machine stopped it late).
+    assert abs(sent - 40 * report["duration_s"]) <= 10
     assert report["generator"]["dropped"] == 0
     # Overload: 2 senders cannot keep 10000/s (a Python sender manages a few thousand a
     # second against cached answers). Sends fall behind, the hopeless ones are dropped,
@@ -310,7 +311,7 @@ def test_the_open_model_keeps_its_schedule_and_charges_the_queue(
 def test_the_step_shape_adds_users_in_steps(topology: Topology, tmp_path: Path) -> None:
     code, _, output = _run_in(
         tmp_path, topology, "--scenario", "cache-hit", "--shape", "step", "--users", "5",
-        "--duration", "10s",
+        "--duration", "15s",  # 3 s steps: only a 2 s stall of the history hides one
     )  # fmt: skip
     assert code == 0, output[-2000:]
     history = (tmp_path / "reports" / "latest" / "locust_stats_history.csv").read_text()
