@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -24,6 +25,16 @@ os.environ["OTEL_SDK_DISABLED"] = "true"
 
 MODEL_DIR = ROOT / "models"
 CORPUS_DIR = ROOT / "documents"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_tmp() -> Iterator[None]:
+    """A stack run as root keeps nginx's temp paths in /tmp, outside any test's tmp_path:
+    whatever renders one must remove it, as `make stack-down` does."""
+    before = set(Path(tempfile.gettempdir()).glob("rag-nginx-*"))
+    yield
+    left = set(Path(tempfile.gettempdir()).glob("rag-nginx-*")) - before
+    assert not left, f"left behind by the tests: {sorted(map(str, left))}"
 
 
 @pytest.fixture(scope="session")

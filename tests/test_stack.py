@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,28 +357,30 @@ def test_awkward_paths_and_passwords_reach_every_program_intact(
     monkeypatch.setenv("REDIS_PASSWORD", password)
     topology = stack_on_free_ports(tmp_path / "stack dir 50% josé", replicas=2, workers=1)
     render(topology)
-
-    native.check_nginx(topology)  # nginx -t: the quoted paths parse
-    options = ServerOptions()
-    options.configfile = str(topology.stack_dir / "supervisord.conf")
-    options.process_config(do_usage=False)  # supervisord's own parser and % expansion
-    programs = {p.name: p for g in options.process_group_configs for p in g.process_configs}
-    for index, name in enumerate(topology.replica_names(), start=1):
-        assert programs[name].environment == replica_env(topology, index)
-    redis = programs["redis"]
-    assert redis.stdout_logfile == str(topology.log_dir / "redis.log")
-    assert shlex.split(redis.command)[-1] == str(topology.stack_dir / "redis.conf")
-
-    server = Process(shlex.split(redis.command), tmp_path / "redis.log", cwd=topology.stack_dir)
-    server.start()
     try:
-        client = redis_client.Redis(port=topology.redis_port, password=password)
-        server.ready(lambda: bool(client.ping()), 30, "redis with the generated config")
-        with pytest.raises(redis_client.AuthenticationError):
-            redis_client.Redis(port=topology.redis_port, password="wrong").ping()
-    finally:
-        server.stop()
-    assert (topology.stack_dir / "redis" / "appendonlydir").is_dir()  # its dir, as written
+        native.check_nginx(topology)  # nginx -t: the quoted paths parse
+        options = ServerOptions()
+        options.configfile = str(topology.stack_dir / "supervisord.conf")
+        options.process_config(do_usage=False)  # supervisord's own parser and % expansion
+        programs = {p.name: p for g in options.process_group_configs for p in g.process_configs}
+        for index, name in enumerate(topology.replica_names(), start=1):
+            assert programs[name].environment == replica_env(topology, index)
+        redis = programs["redis"]
+        assert redis.stdout_logfile == str(topology.log_dir / "redis.log")
+        assert shlex.split(redis.command)[-1] == str(topology.stack_dir / "redis.conf")
+
+        server = Process(shlex.split(redis.command), tmp_path / "redis.log", cwd=topology.stack_dir)
+        server.start()
+        try:
+            client = redis_client.Redis(port=topology.redis_port, password=password)
+            server.ready(lambda: bool(client.ping()), 30, "redis with the generated config")
+            with pytest.raises(redis_client.AuthenticationError):
+                redis_client.Redis(port=topology.redis_port, password="wrong").ping()
+        finally:
+            server.stop()
+        assert (topology.stack_dir / "redis" / "appendonlydir").is_dir()  # its dir, as written
+    finally:  # as root, nginx's temp paths are outside tmp_path (in /tmp)
+        shutil.rmtree(topology.nginx_temp_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("awkward", ['say "hi"', "o'brien", "back\\slash", "$HOME", "line\nbreak"])
