@@ -4,6 +4,7 @@ keeps one write per request off the request path."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -380,3 +381,47 @@ def test_long_lines_from_several_processes_on_one_pipe_stay_whole() -> None:
     parsed = [json.loads(line) for line in lines]  # fails on a line cut into by another
     assert len(parsed) == processes * lines_each
     assert all(len(line["payload"]) == 9000 for line in parsed)
+
+
+def test_the_pipe_lock_is_held_once_per_write_and_never_for_good(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "wb", buffering=0)
+    # Another open description of the same pipe: what another worker's lock would use.
+    other = os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY)
+    lock = logs._PipeLock()
+    try:
+        with lock.held(stream):
+            with lock.held(stream):  # a line logged while writing (the same thread)
+                pass
+            with pytest.raises(BlockingIOError):  # the inner write did not free the outer's
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the write is done
+
+        # A holder that keeps it (a sibling stopped mid-write) delays lines, not forever.
+        monkeypatch.setattr(logs._PipeLock, "WAIT_S", 0.2)
+        started = time.monotonic()
+        with lock.held(stream):
+            waited = time.monotonic() - started
+        assert 0.2 <= waited < 5
+        fcntl.flock(other, fcntl.LOCK_UN)
+
+        # A child forked while the parent holds it keeps no descriptor of the parent's:
+        # one would hold the lock for the child's whole life if the parent died.
+        process_lock = logs.LINES._pipe  # the one the fork hook resets
+        with process_lock.held(stream):
+            parents = process_lock._fd
+            assert parents >= 0
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.fstat(parents)  # still open in the child: the defect
+                    os._exit(1)
+                except OSError:
+                    os._exit(0 if process_lock._fd == -1 else 2)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(other)
+        stream.close()
+        os.close(read_end)

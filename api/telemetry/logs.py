@@ -111,18 +111,20 @@ class _Lines:
     MAX = 256  # lines held before a write regardless of the clock
 
     def __init__(self) -> None:
+        self._pipe = _PipeLock()
         self._reset()
         self.buffered = False
         self._failed = False
         if hasattr(os, "register_at_fork"):  # a child forked mid-write starts clean
-            os.register_at_fork(after_in_child=self._reset)
+            os.register_at_fork(after_in_child=self._after_fork)
 
     def _reset(self) -> None:
         self._lines: list[bytes] = []
         self._lock = threading.RLock()
-        # A parent's descriptor is its lock, not this process's: forgotten, not closed
-        # (closing it could not release the parent's lock, but a new open would reuse it).
-        self._pipe_lock: tuple[tuple[int, int], int] | None = None
+
+    def _after_fork(self) -> None:
+        self._reset()
+        self._pipe.after_fork()
 
     def add(self, line: bytes, urgent: bool) -> None:
         with self._lock:
@@ -149,15 +151,9 @@ class _Lines:
             # Looked up per write, not bound once: loggers cached on first use keep
             # working when the stream is replaced (pytest's capture does that).
             stream = sys.stderr.buffer
-            lock = self._lock_for(stream)
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
+            with self._pipe.held(stream):
                 for chunk in _chunks(lines):
                     _write_all(stream, chunk)
-            finally:
-                if lock is not None:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
         except (OSError, ValueError) as exc:  # a closed or broken stderr: lines are lost
             if not self._failed:  # and it is said once, where it can still be said
                 self._failed = True
@@ -166,33 +162,79 @@ class _Lines:
         else:
             self._failed = False
 
-    def _lock_for(self, stream: Any) -> int | None:
-        """A descriptor of this process's own for what `stream` writes to, to flock.
 
-        A replica's workers share one pipe to the supervisor, and only a write of up to
-        PIPE_BUF bytes is never cut into by another's: a longer line (a traceback) could
-        come out interleaved with another worker's lines. An exclusive flock held for
-        each write keeps every process that logs this way out of the others' writes.
-        flock belongs to an open file description, and an inherited stderr shares its
-        parent's, so each process opens the pipe (or terminal, or file) again for its
-        own. None where that cannot be done (a socket, a stream with no descriptor)."""
+class _PipeLock:
+    """An exclusive flock on what stderr writes to, held for each write of lines.
+
+    A replica's workers share one pipe to the supervisor, and only a write of up to
+    PIPE_BUF bytes is never cut into by another's: a longer line (a traceback) could come
+    out spliced with another worker's lines. The lock keeps every process that logs
+    through here out of the others' writes. flock belongs to an open file description,
+    and an inherited stderr shares its parent's, so each process opens the pipe (or
+    terminal, or file) again for its own. Where that cannot be done (a socket, a stream
+    with no descriptor) lines go unlocked, as they do when a holder keeps the lock past
+    WAIT_S (a sibling stopped mid-write must not stall every worker's logging)."""
+
+    WAIT_S = 1.0
+
+    def __init__(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._fd = -1  # -1: none (not opened yet, or cannot be)
+        self._depth = 0  # a write can log in the same thread (see _Lines): lock once
+
+    def after_fork(self) -> None:
+        """The parent's descriptor is closed, not kept: kept, it would hold the parent's
+        lock for as long as this child lived if the parent died holding it (closing a
+        copy never releases the parent's)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._forget()
+
+    @contextlib.contextmanager
+    def held(self, stream: Any) -> Iterator[None]:
+        locked = self._depth == 0 and (fd := self._descriptor(stream)) >= 0 and self._take(fd)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if locked:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _descriptor(self, stream: Any) -> int:
         try:
             target = stream.fileno()
             status = os.fstat(target)
         except (OSError, ValueError, AttributeError):
-            return None
+            return -1
         # By what it is, not by descriptor number: a log reopen dup2s a new file onto 2.
         key = (status.st_dev, status.st_ino)
-        if self._pipe_lock is None or self._pipe_lock[0] != key:
+        if key != self._key:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._key, self._fd = key, -1
+            # Non-blocking: opening a named pipe for writing may wait for a reader.
+            flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+            with contextlib.suppress(OSError):  # a socket: remembered as none
+                self._fd = os.open(f"/proc/self/fd/{target}", flags)
+        return self._fd
+
+    def _take(self, fd: int) -> bool:
+        deadline = time.monotonic() + self.WAIT_S
+        while True:
             try:
-                # Non-blocking: opening a named pipe for writing may wait for a reader.
-                own = os.open(f"/proc/self/fd/{target}", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.0005)
             except OSError:
-                return None
-            if self._pipe_lock is not None:
-                os.close(self._pipe_lock[1])
-            self._pipe_lock = (key, own)
-        return self._pipe_lock[1]
+                return False
 
 
 def _write_all(stream: Any, data: bytes) -> None:
