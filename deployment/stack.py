@@ -209,7 +209,7 @@ def down(topology: Topology, timeout: float | None = None) -> bool:
     is what that adds up to for the programs the running configuration holds."""
     pid = _supervisord_pid(topology)
     if pid is None:
-        return _stop_orphans(topology)
+        return _stop_orphans(topology, "supervisord is gone")
     if timeout is None:
         programs = _conf(topology).read_text().count("[program:")
         timeout = STOP_WAIT_SECONDS * programs + 10
@@ -220,7 +220,7 @@ def down(topology: Topology, timeout: float | None = None) -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            _stop_orphans(topology)  # any it could not stop
+            _stop_orphans(topology, "supervisord left some running")
             # nginx's spilled bodies, wherever they are (outside STACK_DIR as root).
             shutil.rmtree(topology.nginx_temp_dir, ignore_errors=True)
             return True
@@ -228,43 +228,46 @@ def down(topology: Topology, timeout: float | None = None) -> bool:
     raise StackError(f"supervisord (pid {pid}) did not stop within {timeout:.0f}s")
 
 
-# Titles of programs that overwrite their environment, and name STACK_DIR in its place
-# (nginx's master its -p prefix, redis-server its config file); nginx's workers follow
-# their master.
-_TITLED = (b"nginx: master process ", b"redis-server ")
-
-
-def _members(topology: Topology) -> list[int]:
-    """Every running process the stack started: MEMBER_ENV in its environment (inherited
-    from supervisord or given by env -i), or a title above that names STACK_DIR."""
+def _members(topology: Topology) -> dict[int, signal.Signals]:
+    """Every running process the stack started, with the signal that stops it gracefully:
+    MEMBER_ENV in its environment (inherited from supervisord, or given by env -i), or,
+    for the two programs that overwrite their environment with a process title, the
+    title this stack gives them: nginx's master names its prefix, redis-server its
+    configuration file. (nginx's workers follow their master.)"""
     mark = f"\0{MEMBER_ENV}={topology.stack_dir}\0".encode()
-    place = f"{topology.stack_dir}/".encode()
-    found = []
+    nginx = f" -p {topology.stack_dir / 'nginx'} -c ".encode()
+    redis = f" {topology.stack_dir / 'redis.conf'}".encode()
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environ = b"\0" + (entry / "environ").read_bytes()
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").rstrip()
         except OSError:  # gone, or not ours to read
             continue
-        if mark in environ or (title.startswith(_TITLED) and place in title):
-            found.append(int(entry.name))
+        if title.startswith(b"nginx: master process ") and nginx in title:
+            found[int(entry.name)] = signal.SIGQUIT  # finishes the requests it holds
+        elif (title.startswith(b"redis-server ") and title.endswith(redis)) or mark in environ:
+            found[int(entry.name)] = signal.SIGTERM
     return found
 
 
-def _stop_orphans(topology: Topology) -> bool:
-    """Processes the stack started and no supervisord stops any more (it was killed, or
-    the kernel's OOM killer took it): TERM, then KILL after STOP_WAIT_SECONDS. True if
-    there were any."""
+def _stop_orphans(topology: Topology, why: str) -> bool:
+    """Processes the stack started that no supervisord stops: each one's process group
+    (supervisord gives every program its own) gets its graceful signal, then, after
+    STOP_WAIT_SECONDS, KILL. True if there were any."""
     orphans = _members(topology)
     if not orphans:
         return False
-    print(f"stack: supervisord is gone; stopping {len(orphans)} process(es) it had started")
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in orphans:
+    print(f"stack: {why}; stopping the {len(orphans)} process(es) it had started")
+    own_group = os.getpgrp()
+    for kill in (False, True):
+        for pid, graceful in orphans.items():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+                group = os.getpgid(pid)
+                if group != own_group:  # never this command's own group
+                    os.killpg(group, signal.SIGKILL if kill else graceful)
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         while (orphans := _members(topology)) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 from locust import FastHttpUser, LoadTestShape, constant_pacing, events, task
 from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
@@ -338,13 +339,15 @@ def _sample(request_id: str, name: str, ms: float, failed: bool) -> None:
         writer = csv.writer(out)
         writer.writerow(["request_id", "entry", "ms", "failed"])
         _samples.extend((writer, out))
-    _samples[0].writerow([request_id, name, f"{ms:.3f}", int(failed)])
+    if _samples[0] is not None:
+        _samples[0].writerow([request_id, name, f"{ms:.3f}", int(failed)])
 
 
-@events.quitting.add_listener
-def _close_samples(**_: Any) -> None:
+def _close_samples() -> None:
+    """Rows of requests that end later (there should be none) are not written."""
     if _samples:
         _samples[1].close()
+    _samples[:] = [None, None]
 
 
 def _generator_stats() -> dict[str, Any]:
@@ -391,22 +394,40 @@ def _quit_after_final_reports(runner: MasterRunner) -> None:
     (locustio/locust#1426). This master stops the users first, waits for a report from
     each worker sent after its last user ended (they report every 3 s), then quits."""
     quit_now = runner.quit
+    # Locust calls quit up to four times at the end of a run (the timer or the shape,
+    # the quitting event, shutdown), and a SIGTERM can add one while the first waits:
+    # the first call waits for the reports, the others wait for it.
+    reported = gevent.event.Event()
+    waiting: list[bool] = []
 
     def quit() -> None:
-        workers = set(runner.clients.keys())
-        runner.stop()  # returns once no worker has users left (up to --stop-timeout + 60 s)
-        deadline = time.monotonic() + 3 * WORKER_REPORT_INTERVAL
-        while not workers <= _finished_workers and time.monotonic() < deadline:
-            gevent.sleep(0.1)
-        if missing := workers - _finished_workers:
-            print(
-                f"loadtest: no final report from {len(missing)} worker process(es): "
-                "the requests they ran last are not counted",
-                file=sys.stderr,
-            )
+        if waiting:
+            reported.wait()
+        else:
+            waiting.append(True)
+            try:
+                _stop_and_wait_for_reports(runner)
+            finally:
+                reported.set()
         quit_now()
 
     runner.quit = quit  # type: ignore[method-assign]
+
+
+def _stop_and_wait_for_reports(runner: MasterRunner) -> None:
+    workers = set(runner.clients.keys())
+    runner.stop()  # returns once no worker has users left (up to --stop-timeout + 60 s)
+    if "start" not in _run:  # quit before the run began: nothing was sent
+        return
+    deadline = time.monotonic() + 3 * WORKER_REPORT_INTERVAL
+    while not workers <= _finished_workers and time.monotonic() < deadline:
+        gevent.sleep(0.1)
+    if missing := workers - _finished_workers:
+        print(
+            f"loadtest: no final report from {len(missing)} worker process(es): "
+            "the requests they ran last are not counted",
+            file=sys.stderr,
+        )
 
 
 @events.init.add_listener
@@ -454,7 +475,13 @@ def _on_stopping(environment: Environment, **_: Any) -> None:
 
 @events.quitting.add_listener
 def _on_quit(environment: Environment, **_: Any) -> None:
-    """The master (or the lone local process) writes the run's raw figures."""
+    """The master (or the lone local process) writes the run's raw figures. A process
+    with users stops them first: on SIGTERM (Ctrl-C in the harness) Locust fires this
+    before it stops them, and the requests still running would end after the figures
+    were written."""
+    if isinstance(environment.runner, LocalRunner | WorkerRunner):
+        environment.runner.stop()  # at once if they already stopped
+    _close_samples()
     if isinstance(environment.runner, WorkerRunner):
         return
     for path in _announced:

@@ -398,8 +398,11 @@ def test_every_program_of_the_stack_carries_its_mark(topology: Topology) -> None
 
 
 def test_down_stops_what_a_dead_supervisord_left_running(tmp_path: Path) -> None:
+    """Found by the mark in their environment, or, for nginx and redis-server (which
+    overwrite it), by the titles this stack gives them; another stack's, even one inside
+    this one's directory, and anything unmarked are left alone."""
     stack_dir = tmp_path / "stack"
-    other = tmp_path / "other"
+    nested = stack_dir / "nested"
 
     def sleeper(mark: Path | None) -> subprocess.Popen[bytes]:
         env = {**os.environ}
@@ -407,17 +410,41 @@ def test_down_stops_what_a_dead_supervisord_left_running(tmp_path: Path) -> None
             env[MEMBER_ENV] = str(mark)
         return subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
 
-    orphan, stranger, unmarked = sleeper(stack_dir), sleeper(other), sleeper(None)
+    def titled(title: str) -> subprocess.Popen[bytes]:
+        """A process whose command line is exactly `title` (cat, waiting on stdin)."""
+        return subprocess.Popen(
+            ["bash", "-c", 'exec -a "$0" cat', title],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            cwd=tmp_path,  # where a core dump from SIGQUIT would go, if enabled
+        )
+
+    def nginx(prefix: Path) -> subprocess.Popen[bytes]:
+        return titled(f"nginx: master process nginx -p {prefix}/nginx -c {prefix}/nginx/n.conf")
+
+    def redis(prefix: Path) -> subprocess.Popen[bytes]:
+        return titled(f"redis-server 127.0.0.1:6390 {prefix}/redis.conf")
+
+    ours = {"marked": sleeper(stack_dir), "nginx": nginx(stack_dir), "redis": redis(stack_dir)}
+    others = {
+        "another stack's": sleeper(tmp_path / "other"),
+        "unmarked": sleeper(None),
+        "nested nginx": nginx(nested),
+        "nested redis": redis(nested),
+    }
     try:
         topology = Topology(stack_dir=stack_dir)
+        wait_until(lambda: len(native._members(topology)) == 3, 10, "the titles set")
         with pytest.raises(native.StackError, match="make stack-down"):
             native.up(topology)  # refused: its ports may be held by the orphans
         assert native.down(topology) is True
-        assert orphan.wait(10) == -signal.SIGTERM
-        assert stranger.poll() is None and unmarked.poll() is None  # not this stack's
+        assert ours["marked"].wait(10) == -signal.SIGTERM
+        assert ours["redis"].wait(10) == -signal.SIGTERM
+        assert ours["nginx"].wait(10) == -signal.SIGQUIT  # nginx's graceful stop
+        assert {name for name, p in others.items() if p.poll() is not None} == set()
         assert native.down(topology) is False
     finally:
-        for process in (orphan, stranger, unmarked):
+        for process in (*ours.values(), *others.values()):
             process.kill()
             process.wait(10)
 
