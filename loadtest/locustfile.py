@@ -325,29 +325,37 @@ def _on_request(
     failed = exception is not None
     _recorder.record(name, request_type, response_time, failed=failed)
     if SAMPLES_DIR and request_type != DERIVED:
-        _sample((context or {}).get("request_id", ""), name, response_time, failed)
+        _samples.add((context or {}).get("request_id", ""), name, response_time, failed)
 
 
-_samples: list[Any] = []  # this process's csv writer and file, opened on first use
+class _Samples:
+    """--samples: one row per request, in a file per process: its id (as nginx and the
+    API log it), entry, time as the report counts it, and outcome. Opened on the first
+    request (Locust forks its workers after importing this file); a request that ends
+    after the close (there should be none) writes nothing."""
+
+    def __init__(self) -> None:
+        self._out: Any = None
+        self._writer: Any = None
+        self._closed = False
+
+    def add(self, request_id: str, name: str, ms: float, failed: bool) -> None:
+        if self._closed:
+            return
+        if self._writer is None:
+            path = Path(SAMPLES_DIR) / f"samples-{os.getpid()}.csv"
+            self._out = path.open("w", newline="")
+            self._writer = csv.writer(self._out)
+            self._writer.writerow(["request_id", "entry", "ms", "failed"])
+        self._writer.writerow([request_id, name, f"{ms:.3f}", int(failed)])
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        self._closed = True
 
 
-def _sample(request_id: str, name: str, ms: float, failed: bool) -> None:
-    """One row per request, in a file per process: its id (as nginx and the API log it),
-    entry, time as the report counts it, and outcome."""
-    if not _samples:
-        out = (Path(SAMPLES_DIR) / f"samples-{os.getpid()}.csv").open("w", newline="")
-        writer = csv.writer(out)
-        writer.writerow(["request_id", "entry", "ms", "failed"])
-        _samples.extend((writer, out))
-    if _samples[0] is not None:
-        _samples[0].writerow([request_id, name, f"{ms:.3f}", int(failed)])
-
-
-def _close_samples() -> None:
-    """Rows of requests that end later (there should be none) are not written."""
-    if _samples:
-        _samples[1].close()
-    _samples[:] = [None, None]
+_samples = _Samples()
 
 
 def _generator_stats() -> dict[str, Any]:
@@ -371,8 +379,6 @@ def _payload() -> dict[str, Any]:
 @events.report_to_master.add_listener
 def _to_master(client_id: str, data: dict[str, Any]) -> None:
     data["hdr"] = _payload()
-    # The master quits once each worker has reported with no user left (see below).
-    data["users_running"] = _runner[0].user_count if _runner else 0
 
 
 @events.worker_report.add_listener
@@ -383,7 +389,6 @@ def _from_worker(client_id: str, data: dict[str, Any]) -> None:
         _finished_workers.add(client_id)
 
 
-_runner: list[Any] = []  # this process's runner, from init
 _finished_workers: set[str] = set()
 
 
@@ -432,9 +437,15 @@ def _stop_and_wait_for_reports(runner: MasterRunner) -> None:
 
 @events.init.add_listener
 def _on_init(environment: Environment, **_: Any) -> None:
-    _runner[:] = [environment.runner]
-    if isinstance(environment.runner, MasterRunner):
-        _quit_after_final_reports(environment.runner)
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        _quit_after_final_reports(runner)
+    if isinstance(runner, WorkerRunner):
+        # The master quits once each worker has reported with no user left (see above).
+        @environment.events.report_to_master.add_listener
+        def _users(client_id: str, data: dict[str, Any]) -> None:
+            data["users_running"] = runner.user_count
+
     if not isinstance(environment.runner, WorkerRunner):
         collector = live.LiveCollector(
             lambda: [
@@ -481,7 +492,7 @@ def _on_quit(environment: Environment, **_: Any) -> None:
     were written."""
     if isinstance(environment.runner, LocalRunner | WorkerRunner):
         environment.runner.stop()  # at once if they already stopped
-    _close_samples()
+    _samples.close()
     if isinstance(environment.runner, WorkerRunner):
         return
     for path in _announced:
