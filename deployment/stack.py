@@ -32,6 +32,7 @@ from deployment.topology import (
     MEMBER_ENV,
     STOP_WAIT_SECONDS,
     Topology,
+    member_signal,
     render,
     stack_dir_from_env,
 )
@@ -229,27 +230,19 @@ def down(topology: Topology, timeout: float | None = None) -> bool:
 
 
 def _members(topology: Topology) -> dict[int, signal.Signals]:
-    """Every running process the stack started, with the signal that stops it gracefully:
-    MEMBER_ENV in its environment (inherited from supervisord, or given by env -i), or,
-    for the two programs that overwrite their environment with a process title, the
-    title this stack gives them: nginx's master names its prefix, redis-server its
-    configuration file. (nginx's workers follow their master.)"""
-    mark = f"\0{MEMBER_ENV}={topology.stack_dir}\0".encode()
-    nginx = f" -p {topology.stack_dir / 'nginx'} -c ".encode()
-    redis = f" {topology.stack_dir / 'redis.conf'}".encode()
+    """Every running process the stack started (topology.member_signal says which), with
+    the signal that stops it gracefully."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            environ = b"\0" + (entry / "environ").read_bytes()
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").rstrip()
+            environ = (entry / "environ").read_bytes()
+            command = (entry / "cmdline").read_bytes()
         except OSError:  # gone, or not ours to read
             continue
-        if title.startswith(b"nginx: master process ") and nginx in title:
-            found[int(entry.name)] = signal.SIGQUIT  # finishes the requests it holds
-        elif (title.startswith(b"redis-server ") and title.endswith(redis)) or mark in environ:
-            found[int(entry.name)] = signal.SIGTERM
+        if (graceful := member_signal(topology, environ, command)) is not None:
+            found[int(entry.name)] = graceful
     return found
 
 

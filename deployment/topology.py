@@ -23,6 +23,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -195,6 +196,23 @@ def stack_dir_from_env(env: dict[str, str]) -> Path:
 # the env -i programs' own), so that they can be found even if supervisord has died;
 # nginx and redis-server overwrite theirs with their process titles, which name STACK_DIR.
 MEMBER_ENV = "RAG_STACK_MEMBER"
+
+
+def member_signal(topology: Topology, environ: bytes, command: bytes) -> signal.Signals | None:
+    """The signal that stops a process gracefully if this stack started it, else None;
+    `environ` and `command` as /proc gives them. A member carries MEMBER_ENV, or, for
+    the two programs that overwrite their environment, the title this module gives
+    them: nginx's master names its prefix (`nginx -p`), redis-server its configuration
+    file (`proc-title-template`). nginx's workers follow their master."""
+    title = command.replace(b"\0", b" ").rstrip()
+    nginx = f" -p {topology.stack_dir / 'nginx'} -c ".encode()
+    if title.startswith(b"nginx: master process ") and nginx in title:
+        return signal.SIGQUIT  # finishes the requests it holds
+    redis = f" {topology.stack_dir / 'redis.conf'}".encode()
+    mark = f"\0{MEMBER_ENV}={topology.stack_dir}\0".encode()
+    if (title.startswith(b"redis-server ") and title.endswith(redis)) or mark in b"\0" + environ:
+        return signal.SIGTERM
+    return None
 
 
 def _nginx_path(path: Path) -> str:
