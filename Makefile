@@ -17,12 +17,15 @@ PACKAGED_SERVICES := redis-server nginx prometheus prometheus-nginx-exporter pro
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMPS)/venv: pyproject.toml
-	@# A stock Debian has neither ensurepip (python3-venv) nor the C/C++ compiler that
-	@# llama-cpp-python builds with: installed here only when missing.
-	@if ! $(PYTHON) -m ensurepip --version >/dev/null 2>&1 || ! command -v g++ >/dev/null; then \
+# Rebuilt when a compiled module's source changes too (api/telemetry/*.pyx).
+$(STAMPS)/venv: pyproject.toml $(wildcard api/telemetry/*.pyx)
+	@# A stock Debian has neither ensurepip (python3-venv) nor the C/C++ compiler and
+	@# Python headers that llama-cpp-python and our Cython module build with: installed
+	@# here only when missing.
+	@if ! $(PYTHON) -m ensurepip --version >/dev/null 2>&1 || ! command -v g++ >/dev/null \
+		|| ! $(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
-			-y -qq --no-install-recommends python3-venv build-essential; \
+			-y -qq --no-install-recommends python3-venv python3-dev build-essential; \
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: otherwise a dependency asking for torch pulls CUDA wheels.

@@ -8,39 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
-import re
-import time
-from typing import Any
 
 import structlog
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import telemetry
-from api.telemetry import logs, metrics
+from api.telemetry import metrics, recording
 
 log = structlog.get_logger(__name__)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNTRACKED = frozenset({"/metrics"})
-UNTRACED = frozenset({"/metrics", "/health", "/ready"})  # probes would drown real traces
-_PROPAGATED = {name.encode(): name for name in ("traceparent", "tracestate", "baggage")}
-_PROPAGATED_KEYS = _PROPAGATED.keys()
-# OpenTelemetry's HTTP conventions (and its contrib instrumentations' list, QUERY
-# included): a method outside these is "_OTHER" in labels and span names, so a client
-# cannot mint metric series (or span names) by inventing methods. Case-sensitive, as the
-# conventions say.
-_KNOWN_METHODS = frozenset(
-    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE")
-)
 
 
 class RequestTelemetry:
     """Per request: the server span (continuing a W3C traceparent), the request id (from
     X-Request-ID or new, echoed back), the RED metrics labelled by route template, and one
     access log line written inside the span, so it and the exemplar carry the trace id.
+    What is recorded is recorded by compiled code (api/telemetry/recording.pyx); this is
+    the ASGI shell around it.
 
     The span is made here rather than by an ASGI instrumentation layer: the contrib
     FastAPIInstrumentor and FastAPI's native telemetry each cost more per request than
@@ -53,129 +37,22 @@ class RequestTelemetry:
         tracing_on: bool = True,
     ) -> None:
         self.app = app
-        self.access_log_on = access_log_on
-        self.tracing_on = tracing_on
-        # telemetry.child/series, keyed by position here: the label values are bounded
-        # (known methods, route templates, status codes), and a lookup by keywords cost
-        # more than the update it finds.
-        self._active: dict[str, Any] = {}
-        self._durations: dict[tuple[str, str, int], metrics.Series] = {}
+        self.recorder = recording.Recorder(access_log_on, tracing_on)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNTRACKED:
             await self.app(scope, receive, send)  # failures: main._last_resort answers
             return
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        # Not uuid4: a request id needs uniqueness, not unpredictability, and urandom is a
-        # system call per request.
-        request_id = given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
-        given_method = scope["method"]
-        method = given_method if given_method in _KNOWN_METHODS else "_OTHER"
-        span = None
-        if self.tracing_on and scope["path"] not in UNTRACED:
-            parent = _caller(scope["headers"]) if _PROPAGATED_KEYS & headers.keys() else None
-            attributes = {
-                "http.request.method": method,
-                "url.path": scope["path"],
-                "url.scheme": scope.get("scheme", "http"),
-            }
-            if method != given_method:
-                attributes["http.request.method_original"] = given_method
-            span_method = "HTTP" if method == "_OTHER" else method
-            span = telemetry.tracer().start_span(
-                span_method, context=parent, kind=SpanKind.SERVER, attributes=attributes
-            )
-            # On the caller's context, so its baggage goes on with the trace.
-            span_token = otel_context.attach(trace.set_span_in_context(span, parent))
-        status = 500
-        notes: dict[str, object] = {}
-        notes_token = telemetry.request_notes.set(notes)
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                started = True
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
-            await send(message)
-
-        measured = telemetry.metrics_enabled()
-        if measured:
-            active: Any = self._active.get(method)
-            if active is None:
-                active = self._active[method] = telemetry.child(
-                    metrics.HTTP_ACTIVE, http_request_method=method
-                )
-            active.inc()
-        start = time.perf_counter()
+        request = self.recorder.begin(scope, send)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, request)
         except Exception as exc:
             # Answered here, not by Starlette's outermost handler: there the request id
             # and the trace would already be gone from the line, the span and the response.
-            if span is not None:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            if started:  # the status already sent is not what happened
-                notes["aborted"] = True
-            await _failed(send_with_id, started)
+            request.failed(exc)
+            await _failed(request, request.started)
         finally:
-            elapsed = time.perf_counter() - start
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"  # never the raw path
-            if measured:
-                active.dec()
-                labels = (method, template, status)
-                durations = self._durations.get(labels)
-                if durations is None:
-                    durations = self._durations[labels] = telemetry.series(
-                        metrics.HTTP_DURATION,
-                        http_request_method=method,
-                        http_route=template,
-                        http_response_status_code=str(status),
-                    )
-                durations.observe(elapsed, telemetry.current_trace_id())
-            if self.access_log_on:
-                logs.access(
-                    {
-                        "method": given_method,
-                        "route": template,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 2),
-                        **notes,
-                    },
-                    request_id,
-                    None if span is None else span.get_span_context(),
-                )
-            structlog.contextvars.unbind_contextvars("request_id")
-            telemetry.request_notes.reset(notes_token)
-            if span is not None:
-                span.update_name(f"{span_method} {template}")
-                span.set_attributes({"http.route": template, "http.response.status_code": status})
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-                span.end()
-                otel_context.detach(span_token)
-
-
-def _caller(raw: list[tuple[bytes, bytes]]) -> otel_context.Context:
-    """The caller's context from its W3C headers. A header sent several times is one list
-    (RFC 9110): tracestate and baggage members are joined, and a repeated traceparent is
-    ambiguous, so it is ignored and a new trace begins, as the W3C test suite expects."""
-    values: dict[str, list[str]] = {}
-    for key, value in raw:
-        if (name := _PROPAGATED.get(key)) is not None:
-            values.setdefault(name, []).append(value.decode("latin-1"))
-    if len(values.get("traceparent", ())) > 1:
-        del values["traceparent"]
-    return propagate.extract({name: ",".join(found) for name, found in values.items()})
+            request.finish(scope)
 
 
 async def _failed(send: Send, started: bool) -> None:

@@ -156,8 +156,8 @@ async def _drive(
     real_tracer = traces._tracer
 
     def configure(flags: str) -> None:
-        middleware.access_log_on = "l" in flags
-        middleware.tracing_on = "t" in flags
+        middleware.recorder.access_log_on = "l" in flags
+        middleware.recorder.tracing_on = "t" in flags
         telemetry.enable_metrics("m" in flags)
         traces._tracer = real_tracer if "t" in flags else NoOpTracer()
 

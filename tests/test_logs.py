@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from api.middleware import RequestTelemetry
-from api.telemetry import flusher, logs, traces
+from api.telemetry import flusher, logs, recording, traces
 from api.telemetry.spans import LeanTracerProvider
 from tests.servers import ROOT, wait_until
 
@@ -74,7 +74,7 @@ def test_the_access_line_is_what_structlog_writes(stderr: _Stderr, traced: bool)
     structlog.contextvars.bind_contextvars(request_id="req-1")
     try:
         structlog.get_logger("api.access").info("request", **fields)
-        logs.access(dict(fields), "req-1", span.get_span_context() if span else None)
+        recording.access(dict(fields), "req-1", span.get_span_context() if span else None)
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
         if token is not None:
@@ -89,7 +89,7 @@ def test_the_access_line_is_what_structlog_writes(stderr: _Stderr, traced: bool)
 
 def test_the_access_line_follows_the_level(stderr: _Stderr) -> None:
     logs.configure_logging("warning", "json")
-    logs.access({"status": 200}, "req-2", None)
+    recording.access({"status": 200}, "req-2", None)
     assert stderr.lines() == []
 
 
@@ -329,12 +329,11 @@ def test_an_error_after_the_response_began_is_not_recorded_as_a_success(
 
 
 def test_a_failure_of_the_request_telemetry_itself_is_still_a_json_500(make_client, monkeypatch):
-    class Broken:
-        def match(self, _: str) -> None:
-            raise RuntimeError("the telemetry broke")
+    def broken(_: int) -> int:
+        raise RuntimeError("the telemetry broke")
 
     with make_client() as client:
-        monkeypatch.setattr("api.middleware._REQUEST_ID", Broken())
+        monkeypatch.setattr("api.telemetry.recording._getrandbits", broken)
         # As a server sees it: the exception goes on to the server after the answer.
         response = TestClient(client.app, raise_server_exceptions=False).get("/health")
     assert response.status_code == 500 and response.json() == {"detail": "internal error"}

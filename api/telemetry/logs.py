@@ -24,7 +24,6 @@ from typing import Any
 import orjson
 import structlog
 from opentelemetry import trace
-from opentelemetry.trace import SpanContext
 
 from api.telemetry import flusher
 
@@ -307,29 +306,6 @@ class StderrLogger:
 
 
 _access = {"json": True, "on": True}
-
-
-def access(fields: dict[str, Any], request_id: str, context: SpanContext | None) -> None:
-    """The access line, written once per request by the middleware. In JSON it is
-    rendered here, without structlog's processor chain: in a busy worker that chain cost
-    ~30 µs a line, this ~5 (docs/BENCHMARKS.md). The keys, their order and their values
-    are what structlog writes for `get_logger("api.access").info("request", **fields)`
-    inside the request (tests/test_logs.py compares the two)."""
-    if not _access["on"]:
-        return
-    if not _access["json"]:  # development: the console renderer, through structlog
-        structlog.get_logger("api.access").info("request", **fields)
-        return
-    fields["event"] = "request"
-    fields["request_id"] = request_id
-    fields["level"] = "info"
-    fields["logger"] = "api.access"
-    fields["pid"] = _pid
-    if context is not None and context.is_valid:
-        fields["trace_id"] = format(context.trace_id, "032x")
-        fields["span_id"] = format(context.span_id, "016x")
-    add_timestamp(None, "", fields)
-    LINES.add(orjson.dumps(fields, default=str) + b"\n", urgent=False)
 
 
 def formatter(fmt: str = "json") -> logging.Formatter:
