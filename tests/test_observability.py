@@ -513,9 +513,12 @@ def test_a_killed_span_relay_is_started_again_and_traces_resume(stack: Stack) ->
 
 
 def test_an_increment_the_metrics_file_did_not_take_is_written_at_the_next_flush() -> None:
-    """The deferred increments of multiprocess mode: a write that fails (the tmpfs is full
-    and the file cannot grow) keeps its amount for the next flush instead of losing it."""
-    from api.telemetry import metrics
+    """Increments wait in C until the flusher writes them (api/telemetry/tallies.pyx): a
+    write that fails (the tmpfs is full and the file cannot grow) keeps its amount for the
+    next flush instead of losing it, and the other values are still written."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from api.telemetry import metrics, tallies
 
     class FileThatFillsOnce:
         def __init__(self) -> None:
@@ -528,13 +531,19 @@ def test_an_increment_the_metrics_file_did_not_take_is_written_at_the_next_flush
                 raise OSError(28, "No space left on device")
             self.value += amount
 
-        def get(self) -> float:
-            return self.value
-
-    value = metrics._deferred(FileThatFillsOnce)()
-    value.inc(3)
+    value = FileThatFillsOnce()
+    tally = tallies.Tally(value)
+    histogram = Histogram("t_seconds", "t", buckets=(0.1, 1), registry=CollectorRegistry())
+    series = tallies.Series(histogram, {}, metrics.Exemplars(None))
+    tally.inc(3)
+    series.observe(0.5, None)
     with pytest.raises(OSError):
         metrics.flush_pending()  # the flusher reports it and goes on
-    value.inc(1)
+    assert histogram._sum.get() == 0.5  # written despite the other's failure
+    tally.inc(1)
+    tally.dec(0.5)
+    series.observe(2.0, None)
     metrics.flush_pending()
-    assert value.value == 4 and value.get() == 4
+    assert value.value == 3.5
+    assert [b.get() for b in histogram._buckets] == [0, 1, 1]
+    assert histogram._sum.get() == 2.5

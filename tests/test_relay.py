@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,6 +28,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AnyValue
 
 from api.telemetry import relay
+from api.telemetry.otlp import BYTES_TAG
+from api.telemetry.spans import LeanSpan, LeanTracerProvider, SpanRows
 from tests.otlp import OtlpReceiver, relay_frame, relayed, same
 from tests.servers import ApiServer, wait_until
 
@@ -35,9 +39,13 @@ def _sdk_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "false")  # conftest turns it off for apps
 
 
-def _spans() -> list[ReadableSpan]:
+def _spans(lean: bool = False) -> list[ReadableSpan]:
     memory = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider: TracerProvider | LeanTracerProvider = (
+        LeanTracerProvider(Resource.create({"service.name": "t"}), TracerProvider().sampler)
+        if lean
+        else TracerProvider()
+    )
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("api", "9.9")
     caller = TraceContextTextMapPropagator().extract(
@@ -72,6 +80,28 @@ def test_the_relay_sends_exactly_the_otlp_the_sdk_would():
     assert same(sent, encode_spans(spans))
     server = sent.resource_spans[0].scope_spans[0].spans[1]
     assert server.name == "POST /query" and server.flags & 0x200  # its parent is remote
+
+
+def test_a_lean_span_writes_the_row_any_span_would():
+    """Our spans build their relay row themselves (compiled, on every exported span);
+    it must be the row the relay writes for any ReadableSpan."""
+    spans = [span for span in _spans(lean=True) if isinstance(span, LeanSpan)]
+    assert len(spans) == 2
+    for span in spans:
+        assert span.events or span.links or span.parent  # the rare fields are there
+        assert span.row() == relay._row(span)
+    odd = spans[1]
+    odd.attributes = {"raw": b"\x00\xff", "huge": 2**70, "object": object()}
+    expected = relay._row(odd)
+    relay._drop_unwritable(expected)  # the integer OTLP cannot carry goes, alone
+    written = relay.encode_span(odd)
+    assert written == relay._dumps(expected)
+    assert orjson.loads(written)[10] == {"raw": {BYTES_TAG: "AP8="}, "object": None}
+    # The processor's queue writes our spans itself, the odd one through encode_span.
+    queue = SpanRows(8, 8, threading.Event(), relay.encode_span, relay.encode_resource, relay._json)
+    for span in spans:
+        queue.put(span)
+    assert queue.take() == ([relay.encode_span(span) for span in spans], 0)
 
 
 def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(

@@ -1,4 +1,4 @@
-"""The lean tracer (api/telemetry/spans.py) must be indistinguishable from the SDK's on the
+"""The lean tracer (api/telemetry/spans.pyx) must be indistinguishable from the SDK's on the
 wire: the same spans, ids, flags, attributes, events, links and statuses, and the same
 sampling decisions under all six standard OTEL_TRACES_SAMPLER settings."""
 

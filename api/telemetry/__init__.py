@@ -14,10 +14,11 @@ from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry.trace import Span
-from prometheus_client import Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from api.telemetry import metrics
 from api.telemetry.logs import configure_logging, gunicorn_logconfig
+from api.telemetry.tallies import Series, Tally
 from api.telemetry.traces import current_trace_id, setup_tracing, shutdown_tracing, tracer
 
 __all__ = [
@@ -58,31 +59,31 @@ def note(**fields: Any) -> None:
         notes.update(fields)
 
 
-_children: dict[tuple[Any, ...], Any] = {}
+_children: dict[tuple[Any, ...], Tally] = {}
 
 
-def child(metric: Any, **labels: str) -> Any:
-    """`metric.labels(**labels)`, remembered: prometheus_client takes a lock and rebuilds
-    the label tuple on every call, a few µs on every request. Label values here are
-    bounded (routes, methods, status codes, layers), as they must be for Prometheus."""
-    if not labels:
-        return metric
+def child(metric: Counter | Gauge, **labels: str) -> Tally:
+    """The value of `metric.labels(**labels)`, as a Tally (api/telemetry/tallies.pyx) and
+    remembered: prometheus_client takes a lock and rebuilds the label tuple on every call,
+    a few µs on every request. Label values here are bounded (routes, methods, status
+    codes, layers), as they must be for Prometheus."""
     key = (metric, *labels.items())
     found = _children.get(key)
     if found is None:
-        found = _children[key] = metric.labels(**labels)
+        labelled = metric.labels(**labels) if labels else metric
+        found = _children[key] = Tally(labelled._value)
     return found
 
 
-_series: dict[tuple[Any, ...], metrics.Series] = {}
+_series: dict[tuple[Any, ...], Series] = {}
 
 
-def series(histogram: Histogram, **labels: str) -> metrics.Series:
+def series(histogram: Histogram, **labels: str) -> Series:
     """The labelled series of `histogram`, remembered, as `child` does for counters."""
     key = (histogram, *labels.items())
     found = _series.get(key)
     if found is None:
-        found = _series[key] = metrics.Series(histogram, labels)
+        found = _series[key] = metrics.series(histogram, labels)
     return found
 
 
@@ -92,7 +93,7 @@ def observe(histogram: Histogram, value: float, **labels: str) -> None:
         series(histogram, **labels).observe(value, current_trace_id())
 
 
-def count(counter: Any, amount: float = 1, **labels: str) -> None:
+def count(counter: Counter, amount: float = 1, **labels: str) -> None:
     if _metrics_on:
         child(counter, **labels).inc(amount)
 

@@ -17,12 +17,9 @@ multiprocess mode lacks are provided here:
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import resource
-import threading
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,72 +32,18 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     multiprocess,
-    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.samples import Exemplar
 
-from api.telemetry import flusher
+from api.telemetry import flusher, tallies
 
 MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
-_pending_lock = threading.Lock()
-_pending: list[Any] = []  # values with increments not yet in their mmap file
+flush_pending = tallies.flush  # the flusher's, and a scrape's: increments into the files
 
-
-def _deferred(mmaped: type) -> type:
-    """prometheus_client's multiprocess value, with increments written by the flusher
-    instead of at once. An increment in multiprocess mode takes a lock, calls getpid() and
-    writes the mmap file; a request made five of them. Now it adds to a number, and the
-    files trail by at most a flusher tick (a worker killed with SIGKILL loses that much).
-    A scrape flushes the answering worker first. `set` is not deferred (gauges that are
-    set are sampled rarely), and drops the increments it overrides. Swapping
-    `values.ValueClass` is the library's documented way to change how values are kept."""
-
-    class Deferred(mmaped):  # type: ignore[misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._unwritten = 0.0
-            self._queued = False
-
-        def inc(self, amount: float) -> None:
-            with _pending_lock:
-                self._unwritten += amount
-                if not self._queued:
-                    self._queued = True
-                    _pending.append(self)
-
-        def set(self, value: float, timestamp: float | None = None) -> None:
-            with _pending_lock:
-                self._unwritten = 0.0
-            super().set(value, timestamp)
-
-        def get(self) -> float:
-            with _pending_lock:
-                return float(super().get()) + self._unwritten
-
-        def write(self) -> None:
-            """Under `_pending_lock`. An amount the file did not take (it could not grow)
-            stays, and is tried again at the next flush."""
-            amount, self._queued = self._unwritten, False
-            if amount:
-                super().inc(amount)
-            self._unwritten -= amount
-
-    return Deferred
-
-
-def flush_pending() -> None:
-    with _pending_lock:
-        for value in _pending:
-            value.write()
-        _pending.clear()
-
-
-if MULTIPROC_DIR is not None and getattr(values.ValueClass, "_multiprocess", False):
-    values.ValueClass = _deferred(values.ValueClass)
 # In multiprocess mode metrics are read back from the files, not from a registry.
 REGISTRY = CollectorRegistry(auto_describe=True)
 if MULTIPROC_DIR is None:
@@ -221,38 +164,28 @@ def sample_process() -> None:
 
 
 class Exemplars:
-    """The newest exemplar per histogram bucket, shared between workers through files."""
+    """The newest exemplar per histogram bucket, shared between workers through files.
+    `tallies.Series` writes `latest` as it observes."""
 
     def __init__(self, directory: str | None) -> None:
         self._dir = Path(directory) if directory else None
         # (metric, labels, le) -> (trace_id, value, time); keyed by tuples on the request
         # path, turned into the files' JSON keys only when written or merged.
-        self._latest: dict[tuple[str, tuple[tuple[str, str], ...], str], Any] = {}
-        self._lock = threading.Lock()
-        self._dirty = False
+        self.latest: dict[tuple[str, tuple[tuple[str, str], ...], str], Any] = {}
+        self.dirty = False
 
     @staticmethod
     def key(metric: str, labels: Iterable[tuple[str, str]], le: str) -> str:
         return json.dumps([metric, sorted(labels), le])
 
-    def put(
-        self, series: tuple[str, tuple[tuple[str, str], ...]], le: str, value: float, trace_id: str
-    ) -> None:
-        """The newest exemplar of one bucket (`le`, as the exposition writes it) of a
-        series (metric name, label pairs)."""
-        entry = (trace_id, value, time.time())
-        with self._lock:
-            self._latest[(*series, le)] = entry
-            self._dirty = True
-
     def _local(self) -> dict[str, tuple[str, float, float]]:
-        with self._lock:
-            return {self.key(*k): v for k, v in self._latest.items()}
+        # list() copies in one step under the GIL: the request thread may be adding keys.
+        return {self.key(*k): v for k, v in list(self.latest.items())}
 
     def flush(self) -> None:
-        if self._dir is None or not self._dirty:
+        if self._dir is None or not self.dirty:
             return
-        self._dirty = False
+        self.dirty = False
         payload = json.dumps(self._local())
         path = self._dir / f"exemplars_{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
@@ -279,29 +212,9 @@ class Exemplars:
 EXEMPLARS = Exemplars(MULTIPROC_DIR)
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
-
-
-class Series:
-    """One labelled series of a histogram, with its exemplars: the child, the exemplar key
-    and the buckets' texts are found once, not on every observation (on the request path
-    that lookup was most of a metric's cost, docs/BENCHMARKS.md)."""
-
-    __slots__ = ("_bounds", "_child", "_key", "_les")
-
-    def __init__(self, histogram: Histogram, labels: dict[str, str]) -> None:
-        self._child = histogram.labels(**labels) if labels else histogram
-        self._key = (histogram._name, tuple(labels.items()))
-        self._bounds: list[float] = histogram._upper_bounds  # the histogram's own edges
-        self._les = [_le(bound) for bound in self._bounds]
-
-    def observe(self, value: float, trace_id: str | None) -> None:
-        """`trace_id`: the exemplar's, or None for none."""
-        self._child.observe(value)
-        if trace_id is not None:
-            le = self._les[bisect.bisect_left(self._bounds, value)]
-            EXEMPLARS.put(self._key, le, value, trace_id)
+def series(histogram: Histogram, labels: dict[str, str]) -> tallies.Series:
+    """One labelled series of `histogram`, observed in C, with its exemplars."""
+    return tallies.Series(histogram, labels, EXEMPLARS)
 
 
 def forget_worker(pid: int) -> None:
@@ -328,7 +241,9 @@ def _attach(name: str, sample: Any, exemplars: dict[str, tuple[str, float, float
     if not sample.name.endswith("_bucket"):
         return sample
     labels = {k: v for k, v in sample.labels.items() if k != "le"}
-    found = exemplars.get(Exemplars.key(name, labels.items(), _le(float(sample.labels["le"]))))
+    found = exemplars.get(
+        Exemplars.key(name, labels.items(), tallies.le(float(sample.labels["le"])))
+    )
     if found is None:
         return sample
     trace_id, value, timestamp = found
@@ -337,8 +252,8 @@ def _attach(name: str, sample: Any, exemplars: dict[str, tuple[str, float, float
 
 def exposition(accept: str, extra: Iterable[Any] = ()) -> tuple[bytes, str]:
     """The /metrics body: OpenMetrics (with exemplars) when the scraper asks for it."""
+    flush_pending()  # this worker's figures are fresh; the others' trail by a tick,
     if MULTIPROC_DIR:
-        flush_pending()  # this worker's figures are fresh; the others' trail by a tick,
         sample_process()  # and their RSS and CPU by seconds
         source = CollectorRegistry()
         multiprocess.MultiProcessCollector(source, MULTIPROC_DIR)

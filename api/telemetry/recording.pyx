@@ -14,19 +14,21 @@ exactly as the middleware did.
 `make install` (pip install -e .) builds it; after editing this file, run it again.
 """
 
+from libc.math cimport floor
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+from api.telemetry.hexids cimport hex64, hex128
 
 import random
 import time
 
 import orjson
 import structlog
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from api import telemetry
-from api.telemetry import logs, metrics
+from api.telemetry import logs, metrics, spans, traces
 
 UNTRACED = frozenset({"/metrics", "/health", "/ready"})  # probes would drown real traces
 _PROPAGATED = {name.encode(): name for name in ("traceparent", "tracestate", "baggage")}
@@ -110,6 +112,14 @@ def access(dict fields, str request_id, object context):
     keys, their order and their values are what structlog writes for
     `get_logger("api.access").info("request", **fields)` inside the request
     (tests/test_logs.py compares the two)."""
+    if context is not None and context.is_valid:
+        _access(fields, request_id, hex128(context.trace_id), context.span_id)
+    else:
+        _access(fields, request_id, None, None)
+
+
+cdef void _access(dict fields, str request_id, object trace_id, object span_id) except *:
+    """`access`, with the trace id already written as hex (it is the exemplar's too)."""
     state = logs._access
     if not state["on"]:
         return
@@ -121,9 +131,9 @@ def access(dict fields, str request_id, object context):
     fields["level"] = "info"
     fields["logger"] = "api.access"
     fields["pid"] = logs._pid
-    if context is not None and context.is_valid:
-        fields["trace_id"] = format(context.trace_id, "032x")
-        fields["span_id"] = format(context.span_id, "016x")
+    if trace_id is not None:
+        fields["trace_id"] = trace_id
+        fields["span_id"] = hex64(span_id)
     fields["timestamp"] = _timestamp()
     logs.LINES.add(orjson.dumps(fields, default=str) + b"\n", False)
 
@@ -197,7 +207,7 @@ cdef class Recorder:
             )
             request.span = span
             # On the caller's context, so its baggage goes on with the trace.
-            request.span_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            request.span_token = spans.attach(spans.with_span(span, parent))
         request.notes = {}
         request.notes_token = telemetry.request_notes.set(request.notes)
         request.id_token = _REQUEST_ID_VAR.set(request.request_id)
@@ -259,6 +269,12 @@ cdef class Request:
         cdef Recorder recorder = self.recorder
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"  # never the raw path
+        span = self.span
+        trace_id = None
+        if span is not None:
+            context = span.get_span_context()
+            if context.is_valid:
+                trace_id = hex128(context.trace_id)
         if self.active is not None:
             self.active.dec()
             labels = (self.method, template, self.status)
@@ -270,17 +286,21 @@ cdef class Request:
                     http_route=template,
                     http_response_status_code=str(self.status),
                 )
-            durations.observe(elapsed, telemetry.current_trace_id())
-        span = self.span
+            # The exemplar: only a trace that is sampled and exported can be looked up.
+            exemplar = (
+                trace_id if trace_id is not None and traces._exporting and context[3] & 1 else None
+            )
+            durations.observe(elapsed, exemplar)
         if recorder.access_log_on:
             fields = {
                 "method": self.given_method,
                 "route": template,
                 "status": self.status,
-                "duration_ms": round(elapsed * 1000, 2),
+                # To 0.01 ms; round() formats the float as text to do it.
+                "duration_ms": floor(elapsed * 100000 + 0.5) / 100,
             }
             fields.update(self.notes)
-            access(fields, self.request_id, None if span is None else span.get_span_context())
+            _access(fields, self.request_id, trace_id, None if trace_id is None else context[1])
         _REQUEST_ID_VAR.reset(self.id_token)
         telemetry.request_notes.reset(self.notes_token)
         if span is not None:
@@ -291,4 +311,4 @@ cdef class Request:
             if self.status >= 500:
                 span.set_status(_ERROR)
             span.end()
-            otel_context.detach(self.span_token)
+            spans.detach(self.span_token)

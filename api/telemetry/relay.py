@@ -60,6 +60,7 @@ from opentelemetry.trace import SpanContext
 
 from api import processes
 from api.telemetry.otlp import BYTES_TAG, encode_request
+from api.telemetry.spans import LeanSpan, SpanRows, plain
 
 SOCKET_ENV = "SPAN_RELAY_SOCKET"
 _HEADER = struct.Struct(">I")
@@ -83,16 +84,25 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-def encode_span(span: ReadableSpan) -> bytes:
+def encode_span(span: ReadableSpan | LeanSpan) -> bytes:
     """One span's row, as JSON: done as the span ends, so what waits for the relay is
     bytes, which the garbage collector never walks (a queue of live spans cost a busy
     worker ~6 µs a request in collections, docs/BENCHMARKS.md)."""
+    row = span.row() if isinstance(span, LeanSpan) else _row(span)
+    try:
+        return _dumps(row)
+    except TypeError:  # an integer beyond 64 bits or a lone surrogate: OTLP cannot carry
+        _drop_unwritable(row)  # either, and the SDK's encoder loses its whole batch
+        return _dumps(row)
+
+
+def _row(span: ReadableSpan | LeanSpan) -> list[Any]:
     ctx = span.context
     assert ctx is not None
     parent = span.parent
     scope = span.instrumentation_scope
     status = span.status
-    row = [
+    return [
         span.name,
         format(ctx.trace_id, "032x"),
         format(ctx.span_id, "016x"),
@@ -103,12 +113,12 @@ def encode_span(span: ReadableSpan) -> bytes:
         span.kind._value_,  # the member's value without Enum's descriptor
         span.start_time,
         span.end_time,
-        _plain(span.attributes),
+        plain(span.attributes),
         status.status_code._value_,
         status.description,
-        [[e.name, e.timestamp, _plain(e.attributes)] for e in span.events] if span.events else [],
+        [[e.name, e.timestamp, plain(e.attributes)] for e in span.events] if span.events else [],
         [
-            [*_context(link.context), _plain(link.attributes), link.context.is_remote]
+            [*_context(link.context), plain(link.attributes), link.context.is_remote]
             for link in span.links
         ]
         if span.links
@@ -116,19 +126,8 @@ def encode_span(span: ReadableSpan) -> bytes:
         scope.name if scope else "",
         scope.version if scope else None,
         scope.schema_url if scope else "",
-        _plain(scope.attributes) if scope else {},
+        plain(scope.attributes) if scope else {},
     ]
-    try:
-        return _dumps(row)
-    except TypeError:  # an integer beyond 64 bits or a lone surrogate: OTLP cannot carry
-        _drop_unwritable(row)  # either, and the SDK's encoder loses its whole batch
-        return _dumps(row)
-
-
-def _plain(attributes: Any) -> dict[str, Any]:
-    """A dict as it is (an ended span's attributes no longer change); the SDK's bounded
-    mappings copied into one."""
-    return attributes if type(attributes) is dict else dict(attributes or {})
 
 
 def encode_resource(resource: SdkResource | None) -> bytes:
@@ -195,7 +194,6 @@ class RelaySpanProcessor(SpanProcessor):
         self._delay = _setting(OTEL_BSP_SCHEDULE_DELAY, 5000) / 1000
         self._max_queue = _setting(OTEL_BSP_MAX_QUEUE_SIZE, 2048)
         self._batch = min(_setting(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, 512), self._max_queue)
-        self._resource: bytes | None = None
         self._warned: dict[str, float] = {}
         self._stopped = False
         self._start()
@@ -204,35 +202,19 @@ class RelaySpanProcessor(SpanProcessor):
             os.register_at_fork(after_in_child=lambda: (method := restart()) and method())
 
     def _start(self) -> None:
-        self._rows: list[bytes] = []
-        self._lock = threading.Lock()  # the rows
         self._send_lock = threading.Lock()  # the socket, and the order of frames
         self._wake = threading.Event()
+        self._queue = SpanRows(
+            self._max_queue, self._batch, self._wake, encode_span, encode_resource, _json
+        )
+        # The compiled queue's put itself: no Python frame per span.
+        self.on_end = self._queue.put  # type: ignore[method-assign]
         self._sock: socket.socket | None = None
-        self._dropped = 0
         self._thread = threading.Thread(target=self._run, name="span-relay-sender", daemon=True)
         self._thread.start()
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self._stopped or not span.context or not span.context.trace_flags.sampled:
-            return
-        try:
-            if self._resource is None:
-                self._resource = encode_resource(span.resource)
-            row = encode_span(span)
-        except Exception:  # a span that cannot be written is dropped, not raised
-            row = None
-        with self._lock:
-            if row is None or len(self._rows) >= self._max_queue:
-                self._dropped += 1
-                return
-            self._rows.append(row)
-            full = len(self._rows) >= self._batch
-        if full and not self._wake.is_set():
-            self._wake.set()
 
     def _run(self) -> None:
         while not self._stopped:
@@ -255,15 +237,13 @@ class RelaySpanProcessor(SpanProcessor):
         if not self._send_lock.acquire(timeout=wait):
             return False
         try:
-            with self._lock:
-                rows, self._rows = self._rows, []
-                dropped, self._dropped = self._dropped, 0
+            rows, dropped = self._queue.take()
             if dropped:
                 self._warn("span queue full or span unwritable, spans dropped", dropped)
             for i in range(0, len(rows), self._batch):
                 batch = rows[i : i + self._batch]
-                assert self._resource is not None  # set by the first span
-                if not self._send(frame(self._resource, batch), deadline):
+                assert self._queue.resource is not None  # set by the first span
+                if not self._send(frame(self._queue.resource, batch), deadline):
                     self._warn("span relay unreachable or too slow, spans dropped", len(rows) - i)
                     return False
             return True
@@ -308,7 +288,7 @@ class RelaySpanProcessor(SpanProcessor):
         if self._stopped:
             return
         deadline = time.monotonic() + self._timeout
-        self._stopped = True
+        self._stopped = self._queue.stopped = True
         self._wake.set()
         self._thread.join(timeout=self._timeout)
         self._send_all(deadline)

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from api import __version__
-from api.telemetry.spans import LeanTracerProvider
+from api.telemetry.spans import LeanTracerProvider, current_span
 
 _provider: LeanTracerProvider | None = None
 _tracer: trace.Tracer = trace.get_tracer("api")  # no-op until setup_tracing
@@ -93,7 +93,7 @@ def tracer() -> trace.Tracer:
 
 def current_trace_id() -> str | None:
     """The trace id to put in an exemplar: only for sampled spans that are exported."""
-    context = trace.get_current_span().get_span_context()
+    context = current_span(None).get_span_context()
     if _exporting and context.is_valid and context.trace_flags.sampled:
         return format(context.trace_id, "032x")
     return None

@@ -1,0 +1,574 @@
+# cython: language_level=3
+"""A lean OpenTelemetry tracer: the API's TracerProvider, Tracer and Span, built for the
+hot path, with the SDK kept for everything that is not per span.
+
+Why not the SDK's own `Tracer`: a cached answer is ~350 µs of work, and the SDK spends
+~18 µs on each span before it is exported — sampler result objects, attribute validation
+into a locked `BoundedAttributes`, a multi-processor fan-out, internal metrics — and in a
+busy worker, with cold caches, about twice that (docs/BENCHMARKS.md). This span is a
+plain record: ids, times, a dict of attributes. The SDK still does the rest:
+
+- sampling: the sampler is the SDK's, built from OTEL_TRACES_SAMPLER(_ARG); it decides
+  every root span and every span under a remote parent. Under a local parent a
+  parent-based sampler (the default) takes the parent's decision without a call;
+- batching: finished spans go to the span processors (the relay's, or the SDK's
+  `BatchSpanProcessor` without the relay), which keep the OTEL_BSP_* rules;
+- export: finished spans read like the SDK's `ReadableSpan`, so both the span relay and
+  the SDK's OTLP exporter take them as they are. Attribute limits (OTEL_SPAN_*_LIMIT)
+  are applied by the relay, off the request path; a process without the relay (a bare
+  uvicorn, the tests) exports through the SDK's exporter directly, without them.
+
+Without a span processor (no exporter configured) spans are not recorded at all: they
+are contexts, which still put trace and span ids in the logs and propagate the trace.
+
+The instrumentations (httpx) see an ordinary API tracer. Two things the SDK offers are
+left out because nothing here uses them: span processors get `on_end` only (the batch
+processor's `on_start` does nothing), and `start_as_current_span` is a context manager,
+not also a decorator.
+
+Compiled with Cython (`pip install -e .` builds it; after editing, run it again): every
+span passes through here, and as interpreted Python its few dozen steps cost several µs a
+span in a busy worker. The span, the tracer and the current-span context manager are
+extension types, registered as the API's `Span` and `Tracer` (the API checks
+`isinstance`); the current context is read and set through the API's own ContextVar
+when the runtime context is the default one, as OpenTelemetry's own would.
+"""
+
+from api.telemetry.hexids cimport hex64, hex128
+
+import atexit
+import random
+
+import orjson
+import time
+import traceback
+
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.context import _RUNTIME_CONTEXT
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+from opentelemetry.sdk.trace import Event
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, StaticSampler
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+from opentelemetry.trace.status import Status, StatusCode
+
+_FLAGS = {  # (sampled, random trace id) -> flags, as the SDK sets them
+    (sampled, random_id): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else 0) | (TraceFlags.RANDOM_TRACE_ID if random_id else 0)
+    )
+    for sampled in (False, True)
+    for random_id in (False, True)
+}
+_UNSET = Status(StatusCode.UNSET)
+_OK = StatusCode.OK
+_INTERNAL = SpanKind.INTERNAL
+_getrandbits = random.getrandbits  # reseeded in every forked worker by the random module
+_now = time.time_ns
+_new_tuple = tuple.__new__
+# The default runtime context keeps the current Context in one ContextVar; read and set
+# it directly (what its get_current/attach do). Another runtime (OTEL_PYTHON_CONTEXT)
+# goes through the API.
+_CURRENT = (
+    _RUNTIME_CONTEXT._current_context
+    if type(_RUNTIME_CONTEXT) is ContextVarsRuntimeContext
+    else None
+)
+
+
+cpdef object current_context():
+    """The current OpenTelemetry Context (`opentelemetry.context.get_current()`)."""
+    if _CURRENT is not None:
+        return _CURRENT.get()
+    return context_api.get_current()
+
+
+cpdef object attach(object context):
+    """`opentelemetry.context.attach`."""
+    if _CURRENT is not None:
+        return _CURRENT.set(context)
+    return context_api.attach(context)
+
+
+cpdef void detach(object token):
+    """`opentelemetry.context.detach`: a token from another context is logged, not
+    raised, by the API's own function."""
+    if _CURRENT is not None:
+        try:
+            _CURRENT.reset(token)
+            return
+        except Exception:
+            pass
+    context_api.detach(token)
+
+
+cpdef object with_span(object span, object context):
+    """`trace.set_span_in_context(span, context)`."""
+    values = dict(current_context() if context is None else context)
+    values[_SPAN_KEY] = span
+    return context_api.Context(values)
+
+
+cpdef object current_span(object context):
+    """`trace.get_current_span(context)`."""
+    span = (current_context() if context is None else context).get(_SPAN_KEY)
+    if span is None or not isinstance(span, trace.Span):
+        return trace.INVALID_SPAN
+    return span
+
+
+cdef object _span_context(object trace_id, object span_id, object flags, object state):
+    # SpanContext's own __new__ checks what is known here: both ids are in range.
+    return _new_tuple(
+        SpanContext,
+        (trace_id, span_id, False, flags, DEFAULT_TRACE_STATE if state is None else state, True),
+    )
+
+
+cdef class LeanSpan:
+    """A recording span. Once ended it is also the read-only view the exporters read
+    (the fields of the SDK's `ReadableSpan`)."""
+
+    cdef public object name
+    cdef public object context
+    cdef public object parent
+    cdef public object kind
+    cdef public object attributes
+    cdef public object events
+    cdef public object links
+    cdef public object status
+    cdef public object start_time
+    cdef public object end_time
+    cdef LeanTracer _tracer
+    cdef bint _record_exception
+    cdef bint _set_status_on_exception
+
+    @property
+    def dropped_attributes(self):
+        return 0
+
+    @property
+    def dropped_events(self):
+        return 0
+
+    @property
+    def dropped_links(self):
+        return 0
+
+    @property
+    def resource(self):
+        return self._tracer.resource
+
+    @property
+    def instrumentation_scope(self):
+        return self._tracer.scope
+
+    def get_span_context(self):
+        return self.context
+
+    def is_recording(self):
+        return self.end_time is None
+
+    def set_attribute(self, key, value):
+        if self.end_time is None:
+            self.attributes[key] = value
+
+    def set_attributes(self, attributes):
+        if self.end_time is None:
+            self.attributes.update(attributes)
+
+    def add_event(self, name, attributes=None, timestamp=None):
+        if self.end_time is None:  # copied: the caller may reuse its dict
+            self.events.append(Event(name, dict(attributes or {}), timestamp or _now()))
+
+    def add_link(self, context, attributes=None):
+        if self.end_time is None and _valid_link(context, attributes):
+            self.links.append(Link(context, dict(attributes or {})))
+
+    def update_name(self, name):
+        if self.end_time is None:
+            self.name = name
+
+    def set_status(self, status, description=None):
+        # The SDK's rules: OK is final, UNSET never overrides.
+        if self.end_time is not None or self.status.status_code is _OK:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self.status = status
+
+    def record_exception(self, exception, attributes=None, timestamp=None, escaped=False):
+        kind = type(exception)
+        module = kind.__module__
+        name = kind.__qualname__ if module in ("builtins", "") else f"{module}.{kind.__qualname__}"
+        fields = {
+            "exception.type": name,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        fields.update(attributes or {})
+        self.add_event("exception", fields, timestamp)
+
+    def end(self, end_time=None):
+        if self.end_time is not None:
+            return
+        self.end_time = end_time or _now()
+        for processor in self._tracer.processors:
+            processor.on_end(self)
+
+    def row(self):
+        """The span relay's row for this ended span (api/telemetry/relay.py): what
+        `relay.encode_span` builds from any ReadableSpan, built here from the fields
+        directly, as every span a worker exports goes through it."""
+        return self._row()
+
+    cdef list _row(self):
+        ctx = self.context
+        parent = self.parent
+        state = ctx[4]
+        status = self.status
+        return [
+            self.name,
+            hex128(ctx[0]),
+            hex64(ctx[1]),
+            ctx[3],
+            "" if state is DEFAULT_TRACE_STATE or not state else state.to_header(),
+            None if parent is None else hex64(parent[1]),
+            parent is not None and parent[2],
+            self.kind._value_,
+            self.start_time,
+            self.end_time,
+            self.attributes,
+            status.status_code._value_,
+            status.description,
+            [[e.name, e.timestamp, plain(e.attributes)] for e in self.events]
+            if self.events
+            else [],
+            [
+                [
+                    hex128(link.context.trace_id),
+                    hex64(link.context.span_id),
+                    int(link.context.trace_flags),
+                    plain(link.attributes),
+                    link.context.is_remote,
+                ]
+                for link in self.links
+            ]
+            if self.links
+            else [],
+            *self._tracer.scope_row,
+        ]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        # Any exception, as the SDK's Span.__exit__ (use_span, below, takes Exception only).
+        if exc_val is not None and self.end_time is None:
+            _failed(self, exc_val, self._record_exception, self._set_status_on_exception, True)
+        self.end()
+
+
+trace.Span.register(LeanSpan)
+
+
+cpdef object plain(object attributes):
+    """A dict as it is (an ended span's attributes no longer change); the SDK's bounded
+    mappings copied into one."""
+    return attributes if type(attributes) is dict else dict(attributes or {})
+
+
+cdef class SpanRows:
+    """The span relay processor's queue (api/telemetry/relay.py): each span encoded as it
+    ends, kept as bytes until the sender thread takes them. `put` runs under the GIL and
+    calls no Python code between reading the queue and changing it, so the sender's
+    `take` needs no lock."""
+
+    cdef list _rows
+    cdef Py_ssize_t _max
+    cdef Py_ssize_t _batch
+    cdef object _wake
+    cdef object _encode
+    cdef object _encode_resource
+    cdef object _default
+    cdef public Py_ssize_t dropped
+    cdef public bint stopped
+    cdef public bytes resource
+
+    def __init__(
+        self, Py_ssize_t max_queue, Py_ssize_t batch, wake, encode, encode_resource, default
+    ):
+        """`encode`: any span's row as bytes; `encode_resource`: the resource's, once;
+        `default`: what orjson calls for values it cannot write itself, which is how
+        `encode` writes our spans' rows when nothing is out of the ordinary. `wake` is
+        set when a batch is full."""
+        self._rows = []
+        self._max = max_queue
+        self._batch = batch
+        self._wake = wake
+        self._encode = encode
+        self._encode_resource = encode_resource
+        self._default = default
+        self.dropped = 0
+        self.stopped = False
+        self.resource = None
+
+    def put(self, span):
+        """A span ended (the processor's on_end): encoded and queued, or dropped if the
+        queue is full or the span cannot be written; never raised."""
+        context = span.context
+        if self.stopped or not context or not (context[3] & 1):  # not sampled
+            return
+        try:
+            if self.resource is None:
+                self.resource = self._encode_resource(span.resource)
+            row = None
+            if type(span) is LeanSpan:
+                try:
+                    row = orjson.dumps(
+                        (<LeanSpan>span)._row(),
+                        default=self._default,
+                        option=orjson.OPT_NON_STR_KEYS,
+                    )
+                except TypeError:  # what OTLP cannot carry: `encode` drops just that
+                    pass
+            if row is None:
+                row = self._encode(span)
+        except Exception:
+            row = None
+        if row is None or len(self._rows) >= self._max:
+            self.dropped += 1
+            return
+        self._rows.append(row)
+        if len(self._rows) >= self._batch and not self._wake.is_set():
+            self._wake.set()
+
+    def take(self):
+        """(rows, how many were dropped) since the last take."""
+        rows, self._rows = self._rows, []
+        dropped, self.dropped = self.dropped, 0
+        return rows, dropped
+
+
+cdef bint _valid_link(object context, object attributes):
+    """The SDK's rule: a link needs a valid context, or at least attributes or a state."""
+    return bool(context and (context.is_valid or attributes or context.trace_state))
+
+
+cdef void _failed(object span, object exc, bint record, bint set_status, bint escaped):
+    # `escaped` as the SDK has it: True from a span's own __exit__, False from use_span.
+    if record:
+        span.record_exception(exc, escaped=escaped)
+    if set_status:
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+cdef class _Current:
+    """`start_as_current_span`'s context manager: the API's `use_span`, with the same
+    exception rules."""
+
+    cdef object span
+    cdef object token
+    cdef bint end_on_exit
+    cdef bint record
+    cdef bint set_status
+
+    def __enter__(self):
+        self.token = attach(with_span(self.span, None))
+        return self.span
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        detach(self.token)
+        if isinstance(exc_val, Exception) and self.span.is_recording():
+            _failed(self.span, exc_val, self.record, self.set_status, False)
+        if self.end_on_exit:
+            self.span.end()
+
+
+def _static(sampler):
+    """(sampled, recording) if `sampler` answers the same for every span, else None. The
+    SDK's own class only: a subclass may answer otherwise."""
+    if type(sampler) is StaticSampler:
+        decision = sampler._decision
+        return decision.is_sampled(), decision.is_recording()
+    return None
+
+
+def _follows_local_parents(sampler):
+    """The SDK's parent-based sampler as OTEL_TRACES_SAMPLER builds it: under a local
+    parent it takes the parent's decision. Not one with other delegates, or a subclass
+    that decides for itself."""
+    return (
+        isinstance(sampler, ParentBased)
+        and type(sampler).should_sample is ParentBased.should_sample
+        and sampler._local_parent_sampled is ALWAYS_ON
+        and sampler._local_parent_not_sampled is ALWAYS_OFF
+    )
+
+
+cdef class LeanTracer:
+    cdef readonly object scope
+    cdef readonly object resource
+    cdef readonly list processors  # the provider's list: processors added later count
+    cdef readonly tuple scope_row  # the scope's fields in a relay row, made once
+    cdef object _sampler
+    cdef bint _parent_based
+    cdef object _root  # a root span's fixed answer (sampled, recording), if any
+    cdef object _fixed  # every span's fixed answer, if any
+
+    def __init__(self, provider, scope):
+        self.scope = scope
+        self.scope_row = (scope.name, scope.version, scope.schema_url, plain(scope.attributes))
+        self.resource = provider.resource
+        self.processors = provider.processors
+        self._sampler = sampler = provider.sampler
+        self._parent_based = _follows_local_parents(sampler)
+        self._root = None
+        self._fixed = None
+        if self._parent_based:
+            self._root = _static(sampler._root)
+        elif not isinstance(sampler, ParentBased):
+            # always_on / always_off on their own: one answer for every span.
+            self._root = self._fixed = _static(sampler)
+
+    def start_span(
+        self,
+        name,
+        context=None,
+        kind=_INTERNAL,
+        attributes=None,
+        links=(),
+        start_time=None,
+        bint record_exception=True,
+        bint set_status_on_exception=True,
+    ):
+        cdef bint sampled, recording, random_id
+        parent = current_span(context).get_span_context()
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            random_id = parent.trace_flags.random_trace_id
+        else:
+            parent = None
+            trace_id = _getrandbits(128) or 1
+            random_id = True
+        span_attributes = dict(attributes) if attributes else {}
+        if parent is not None and not parent.is_remote and self._parent_based:
+            # What the parent-based sampler answers under a local parent, without the call.
+            sampled = recording = parent.trace_flags.sampled
+            state = parent.trace_state
+        elif self._fixed is not None:
+            # What a fixed sampler answers, without the call: its decision, and the
+            # parent's trace state carried on.
+            sampled, recording = self._fixed
+            state = parent.trace_state if parent is not None else None
+        elif parent is None and self._root is not None:
+            # A root under an always-on or always-off sampler (the default is always-on
+            # under parent-based): its answer is fixed, without the call.
+            sampled, recording = self._root
+            state = None
+        else:
+            result = self._sampler.should_sample(
+                context, trace_id, name, kind, attributes, links or ()
+            )
+            sampled = result.decision.is_sampled()
+            recording = result.decision.is_recording()
+            state = result.trace_state
+            if result.attributes:
+                span_attributes.update(result.attributes)
+        span_context = _span_context(
+            trace_id, _getrandbits(64) or 1, _FLAGS[sampled, random_id], state
+        )
+        if not recording or not self.processors:
+            # With no processor to receive it (no exporter configured), a recorded span
+            # would be work no one reads: its context still gives logs their ids and
+            # carries the trace on to what is called next.
+            return NonRecordingSpan(span_context)
+        cdef LeanSpan span = LeanSpan.__new__(LeanSpan)
+        span._tracer = self
+        span.name = name
+        span.context = span_context
+        span.parent = parent
+        span.kind = kind
+        span.attributes = span_attributes
+        span.links = (
+            [link for link in links if _valid_link(link.context, link.attributes)] if links else []
+        )
+        span.events = []
+        span.status = _UNSET
+        span.start_time = start_time or _now()
+        span.end_time = None
+        span._record_exception = record_exception
+        span._set_status_on_exception = set_status_on_exception
+        return span
+
+    # The API declares a generator-based context manager; a class does the same for less.
+    def start_as_current_span(
+        self,
+        name,
+        context=None,
+        kind=_INTERNAL,
+        attributes=None,
+        links=(),
+        start_time=None,
+        bint record_exception=True,
+        bint set_status_on_exception=True,
+        bint end_on_exit=True,
+    ):
+        cdef _Current current = _Current.__new__(_Current)
+        current.span = self.start_span(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
+        current.end_on_exit = end_on_exit
+        current.record = record_exception
+        current.set_status = set_status_on_exception
+        return current
+
+
+trace.Tracer.register(LeanTracer)
+
+
+class LeanTracerProvider(trace.TracerProvider):
+    def __init__(self, resource, sampler):
+        self.resource = resource
+        self.sampler = sampler
+        self.processors = []
+        self._tracers = {}
+        atexit.register(self.shutdown)
+
+    def add_span_processor(self, processor):
+        """The processor's `on_end` receives every finished span; `on_start` is not called."""
+        self.processors.append(processor)
+
+    def get_tracer(
+        self,
+        instrumenting_module_name,
+        instrumenting_library_version=None,
+        schema_url=None,
+        attributes=None,
+    ):
+        key = (instrumenting_module_name, instrumenting_library_version, schema_url)
+        if key not in self._tracers:
+            scope = InstrumentationScope(
+                instrumenting_module_name, instrumenting_library_version, schema_url, attributes
+            )
+            self._tracers[key] = LeanTracer(self, scope)
+        return self._tracers[key]
+
+    def force_flush(self, timeout_millis=30000):
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+    def shutdown(self):
+        for processor in self.processors:
+            processor.shutdown()
+        self.processors.clear()

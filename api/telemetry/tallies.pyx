@@ -1,0 +1,175 @@
+# cython: language_level=3
+"""Metric increments on the request path, added up in C until the flusher writes them.
+
+In multiprocess mode prometheus_client's value takes a lock, checks the pid and writes its
+mmap file on every increment, behind a few Python calls of the metric's own; a cached
+answer made five of them. Here an increment adds to a C double. The telemetry flusher
+(api/telemetry/flusher.py) moves the sums into prometheus_client's values every tick,
+and a scrape moves its own worker's first. So the files trail by at most a tick, and a
+worker killed with SIGKILL loses that much.
+
+Increments run under the GIL and call no Python code between reading a sum and
+changing it, so the flusher, on another thread, needs no lock to take the sums.
+
+`make install` (pip install -e .) builds it; after editing this file, run it again.
+"""
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+import os
+
+cdef list _all = []  # every Tally and Series of this process
+
+
+cdef class Tally:
+    """A counter's or gauge's value, with its increments added up here."""
+
+    cdef object _value  # prometheus_client's value (a child's `_value`)
+    cdef double _pending
+
+    def __init__(self, value):
+        self._value = value
+        self._pending = 0.0
+        _all.append(self)
+
+    cpdef void inc(self, double amount=1.0):
+        self._pending += amount
+
+    cpdef void dec(self, double amount=1.0):
+        self._pending -= amount
+
+    cdef void _write(self) except *:
+        cdef double amount = self._pending
+        if amount == 0.0:
+            return
+        self._pending = 0.0  # taken before the write, which may let another thread run
+        try:
+            self._value.inc(amount)
+        except BaseException:
+            self._pending += amount  # tried again at the next flush
+            raise
+
+
+cdef class Series:
+    """One labelled series of a histogram: its observations added up here, and the
+    newest exemplar of each bucket kept in `exemplars` (api/telemetry/metrics.py), keyed
+    by (metric name, label pairs, bucket text)."""
+
+    cdef object _sum  # prometheus_client's values: the sum, and one per bucket
+    cdef list _buckets
+    cdef Py_ssize_t _n
+    cdef double *_bounds
+    cdef double *_counts  # pending, per bucket
+    cdef double _pending_sum
+    cdef list _keys  # each bucket's exemplar key
+    cdef object _exemplars
+
+    def __cinit__(self, histogram, dict labels, exemplars):
+        bounds = histogram._upper_bounds  # the histogram's own edges, +Inf last
+        self._n = len(bounds)
+        self._bounds = <double *>PyMem_Malloc(self._n * sizeof(double))
+        self._counts = <double *>PyMem_Malloc(self._n * sizeof(double))
+        if self._bounds == NULL or self._counts == NULL:
+            raise MemoryError()
+        for i in range(self._n):
+            self._bounds[i] = bounds[i]
+            self._counts[i] = 0.0
+
+    def __init__(self, histogram, dict labels, exemplars):
+        child = histogram.labels(**labels) if labels else histogram
+        self._sum = child._sum
+        self._buckets = list(child._buckets)
+        self._pending_sum = 0.0
+        series = (histogram._name, tuple(labels.items()))
+        self._keys = [(*series, le(bound)) for bound in histogram._upper_bounds]
+        self._exemplars = exemplars
+        _all.append(self)
+
+    def __dealloc__(self):
+        PyMem_Free(self._bounds)
+        PyMem_Free(self._counts)
+
+    cpdef void observe(self, double value, object trace_id):
+        """`trace_id`: the exemplar's, or None for none. The bucket is the first whose
+        bound is not below the value, as prometheus_client's (a NaN counts in none)."""
+        cdef Py_ssize_t i
+        cdef timespec now
+        self._pending_sum += value
+        for i in range(self._n):
+            if value <= self._bounds[i]:
+                self._counts[i] += 1.0
+                if trace_id is not None:
+                    clock_gettime(CLOCK_REALTIME, &now)
+                    self._exemplars.latest[self._keys[i]] = (
+                        trace_id,
+                        value,
+                        now.tv_sec + now.tv_nsec * 1e-9,
+                    )
+                    self._exemplars.dirty = True
+                return
+
+    cdef void _write(self) except *:
+        cdef double amount = self._pending_sum
+        cdef double count
+        if amount != 0.0:
+            self._pending_sum = 0.0
+            try:
+                self._sum.inc(amount)
+            except BaseException:
+                self._pending_sum += amount
+                raise
+        for i in range(self._n):
+            count = self._counts[i]
+            if count != 0.0:
+                self._counts[i] = 0.0
+                try:
+                    self._buckets[i].inc(count)
+                except BaseException:
+                    self._counts[i] += count
+                    raise
+
+
+def le(bound):
+    """A bucket's bound as the exposition writes it."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+def flush():
+    """Every sum into prometheus_client's values. One that cannot be written (a full
+    tmpfs) keeps its amount for the next flush; the first such error is raised after the
+    others are written."""
+    cdef Tally tally
+    cdef Series series
+    failed = None
+    for found in list(_all):
+        try:
+            if type(found) is Tally:
+                tally = found
+                tally._write()
+            else:
+                series = found
+                series._write()
+        except Exception as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+
+
+def _forget_pending():
+    """A forked child starts with nothing pending: its parent's sums are its parent's."""
+    cdef Tally tally
+    cdef Series series
+    for found in _all:
+        if type(found) is Tally:
+            tally = found
+            tally._pending = 0.0
+        else:
+            series = found
+            series._pending_sum = 0.0
+            for i in range(series._n):
+                series._counts[i] = 0.0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pending)

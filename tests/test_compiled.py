@@ -1,0 +1,32 @@
+"""The telemetry's compiled modules (api/telemetry/*.pyx, built by `pip install -e .`):
+what the tests run must be built from the sources beside it."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+TELEMETRY = Path(__file__).resolve().parent.parent / "api" / "telemetry"
+SOURCES = sorted(TELEMETRY.glob("*.pyx"))
+
+
+def test_every_source_is_a_module_the_project_builds() -> None:
+    built = Path(__file__).resolve().parent.parent.joinpath("pyproject.toml").read_text()
+    assert SOURCES
+    for source in SOURCES:
+        assert f'sources = ["api/telemetry/{source.name}"]' in built
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)
+def test_the_compiled_module_is_not_older_than_its_sources(source: Path) -> None:
+    module = importlib.import_module(f"api.telemetry.{source.stem}")
+    compiled = Path(module.__file__ or "")
+    assert compiled.suffix == ".so", f"{source.name} is not compiled: run `make install`"
+    text = source.read_text()
+    used = [pxd for pxd in TELEMETRY.glob("*.pxd") if f"{pxd.stem} cimport" in text]
+    newest = max(path.stat().st_mtime for path in [source, *used])
+    assert compiled.stat().st_mtime >= newest, (
+        f"{compiled.name} is older than its sources: run `make install` (pip install -e .)"
+    )
