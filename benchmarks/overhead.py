@@ -33,6 +33,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,10 @@ from typing import Any
 import httpx
 
 from benchmarks.wrk import wrk
-from tests.servers import ApiServer, RedisServer, descendants, parent
+from tests.servers import ROOT, ApiServer, RedisServer, descendants, parent
 
 QUESTION: dict[str, object] = {"question": "How do I restore a backup?"}
+Config = tuple[dict[str, str], Path]  # a server's environment, and the checkout it runs
 RELAY_SETTLE_S = 5.5
 
 
@@ -57,8 +59,10 @@ class _Sink(BaseHTTPRequestHandler):
         pass
 
 
-def _server(tmp: Path, name: str, redis_url: str, env: dict[str, str]) -> ApiServer:
-    return ApiServer(
+def _server(
+    tmp: Path, name: str, redis_url: str, env: dict[str, str], checkout: Path = ROOT
+) -> ApiServer:
+    server = ApiServer(
         tmp,
         name,
         DATA_DIR=str(tmp / name),
@@ -67,6 +71,8 @@ def _server(tmp: Path, name: str, redis_url: str, env: dict[str, str]) -> ApiSer
         LOG_LEVEL="info",
         **env,
     )
+    server.cwd = checkout  # the code it runs; the model, corpus and venv stay this one's
+    return server
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -106,7 +112,7 @@ def _relay_pid(server: ApiServer) -> int | None:
 
 
 def _start_all(
-    tmp: Path, redis_url: str, configs: dict[str, dict[str, str]], cpus: set[int]
+    tmp: Path, redis_url: str, configs: dict[str, Config], cpus: set[int]
 ) -> dict[str, ApiServer]:
     """Every configuration's server, started on all CPUs (start-up is not measured), each
     with the one question's answer cached."""
@@ -115,8 +121,9 @@ def _start_all(
     load = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cpus)
     try:
-        for name, env in configs.items():
-            servers[name] = server = _server(tmp, name.replace(", ", "-"), redis_url, env)
+        for name, (env, checkout) in configs.items():
+            slug = name.replace(", ", "-").replace(" ", "-")
+            servers[name] = server = _server(tmp, slug, redis_url, env, checkout)
             server.start()
             httpx.post(f"{server.base}/query", json=QUESTION, timeout=60)
     except BaseException:
@@ -134,38 +141,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[str, Any]:
-    everywhere = os.sched_getaffinity(0)
-    cpus = sorted(everywhere)
-    workers_cpu, others = {cpus[0]}, set(cpus[1:]) or {cpus[0]}
-    # From here on this thread, and what it starts (the sink's threads, Redis, wrk), runs
-    # on the CPUs the measured workers do not.
-    os.sched_setaffinity(0, others)
-    try:
-        return _measure(rounds, seconds, concurrency, everywhere, workers_cpu, others)
-    finally:
-        os.sched_setaffinity(0, everywhere)
-
-
-def _measure(  # noqa: PLR0917
-    rounds: int,
-    seconds: float,
-    concurrency: int,
-    everywhere: set[int],
-    workers_cpu: set[int],
-    others: set[int],
-) -> dict[str, Any]:
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    everything = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+def everything_on(endpoint: str) -> dict[str, str]:
+    """Traces sampled at 100% and exported to `endpoint`, metrics, the access log."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
         "OTEL_TRACES_SAMPLER": "always_on",
         "OTEL_SDK_DISABLED": "false",
         "METRICS_ENABLED": "true",
         "ACCESS_LOG": "true",
     }
-    off = {"OTEL_SDK_DISABLED": "true", "METRICS_ENABLED": "false", "ACCESS_LOG": "false"}
-    configs = {
+
+
+OFF = {"OTEL_SDK_DISABLED": "true", "METRICS_ENABLED": "false", "ACCESS_LOG": "false"}
+
+
+def _settings(endpoint: str) -> dict[str, dict[str, str]]:
+    everything = everything_on(endpoint)
+    return {
         "on": everything,
         # The same, but one request in ten traced: what a busy deployment would run.
         "sampled": {
@@ -181,10 +173,91 @@ def _measure(  # noqa: PLR0917
             "METRICS_ENABLED": "false",
             "ACCESS_LOG": "false",
         },
-        "off": off,
-        "logs": {**off, "ACCESS_LOG": "true"},
-        "off, again": off,
+        "off": OFF,
+        "logs": {**OFF, "ACCESS_LOG": "true"},
+        "off, again": OFF,
     }
+
+
+def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[str, Any]:
+    figures = run(
+        lambda endpoint: {name: (env, ROOT) for name, env in _settings(endpoint).items()},
+        rounds,
+        seconds,
+        concurrency,
+    )
+    rates, busy = figures["rates"], figures["busy"]
+    spent, relayed, served = figures["spent"], figures["relayed"], figures["served"]
+    configs = list(rates)
+    mean = {name: statistics.mean(values) for name, values in rates.items()}
+    return {
+        "on_rps": mean["on"],
+        "sampled_rps": mean["sampled"],
+        "ids_rps": mean["ids"],
+        "off_rps": mean["off"],
+        "logs_rps": mean["logs"],
+        "off_again_rps": mean["off, again"],
+        "overhead": 1 - mean["on"] / mean["off"],
+        "overhead_sampled": 1 - mean["sampled"] / mean["off"],
+        "overhead_ids": 1 - mean["ids"] / mean["off"],
+        "overhead_against_logs": 1 - mean["on"] / mean["logs"],
+        "control": 1 - mean["off, again"] / mean["off"],
+        # The worker's CPU over the wall time: near 1 means the worker, not the load
+        # generator or the machine, set the pace.
+        "worker_busy": {name: statistics.mean(values) for name, values in busy.items()},
+        # The same cost in the worker's CPU per request, which does not depend on whether
+        # the load generator kept the worker busy.
+        "worker_us_per_request": {name: spent[name] / served[name] * 1e6 for name in configs},
+        # What the span relay spends on another core. With a replica's every core running
+        # a worker, as in production, the relay takes its CPU from them: worker and relay
+        # together are what a saturated replica pays per request.
+        "relay_us_per_request": {name: relayed[name] / served[name] * 1e6 for name in configs},
+        "rounds": rounds,
+        "seconds": seconds,
+        "concurrency": concurrency,
+    }
+
+
+def _exports(env: dict[str, str]) -> bool:
+    return env.get("OTEL_SDK_DISABLED") != "true" and bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def run(
+    configs_for: Callable[[str], dict[str, Config]],
+    rounds: int,
+    seconds: float,
+    concurrency: int,
+) -> dict[str, Any]:
+    """Each configuration (`configs_for(the OTLP sink's endpoint)`) served by one worker,
+    loaded by wrk in shuffled rounds: per configuration, each round's requests/s and the
+    worker's busy share, and over all rounds the worker's and the span relay's CPU seconds
+    and the requests served."""
+    everywhere = os.sched_getaffinity(0)
+    cpus = sorted(everywhere)
+    workers_cpu, others = {cpus[0]}, set(cpus[1:]) or {cpus[0]}
+    # From here on this thread, and what it starts (the sink's threads, Redis, wrk), runs
+    # on the CPUs the measured workers do not.
+    os.sched_setaffinity(0, others)
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        configs = configs_for(f"http://127.0.0.1:{sink.server_address[1]}")
+        return _run(configs, rounds, seconds, concurrency, everywhere, workers_cpu, others)
+    finally:
+        sink.shutdown()
+        os.sched_setaffinity(0, everywhere)
+
+
+def _run(  # noqa: PLR0917
+    configs: dict[str, Config],
+    rounds: int,
+    seconds: float,
+    concurrency: int,
+    everywhere: set[int],
+    workers_cpu: set[int],
+    others: set[int],
+) -> dict[str, Any]:
+    exporting = [name for name, (env, _) in configs.items() if _exports(env)]
     rates: dict[str, list[float]] = {name: [] for name in configs}
     busy: dict[str, list[float]] = {name: [] for name in configs}
     spent = dict.fromkeys(configs, 0.0)  # worker CPU seconds
@@ -208,7 +281,7 @@ def _measure(  # noqa: PLR0917
                         for pid in [server.proc.pid, *descendants(server.proc.pid)]:
                             _pin(pid, workers_cpu if pid in workers[name] else others)
                     relays = {name: _relay_pid(server) for name, server in servers.items()}
-                    for name in ("on", "sampled"):  # the two that export
+                    for name in exporting:
                         if relays[name] is None:
                             raise RuntimeError(f"no span relay found under the {name!r} server")
                     # A new order every round: a server measured right after another runs
@@ -237,34 +310,7 @@ def _measure(  # noqa: PLR0917
                         server.stop()
         finally:
             redis_server.stop()
-            sink.shutdown()
-    mean = {name: statistics.mean(values) for name, values in rates.items()}
-    return {
-        "on_rps": mean["on"],
-        "sampled_rps": mean["sampled"],
-        "ids_rps": mean["ids"],
-        "off_rps": mean["off"],
-        "logs_rps": mean["logs"],
-        "off_again_rps": mean["off, again"],
-        "overhead": 1 - mean["on"] / mean["off"],
-        "overhead_sampled": 1 - mean["sampled"] / mean["off"],
-        "overhead_ids": 1 - mean["ids"] / mean["off"],
-        "overhead_against_logs": 1 - mean["on"] / mean["logs"],
-        "control": 1 - mean["off, again"] / mean["off"],
-        # The worker's CPU over the wall time: near 1 means the worker, not the load
-        # generator or the machine, set the pace.
-        "worker_busy": {name: statistics.mean(values) for name, values in busy.items()},
-        # The same cost in the worker's CPU per request, which does not depend on whether
-        # the load generator kept the worker busy.
-        "worker_us_per_request": {name: spent[name] / served[name] * 1e6 for name in configs},
-        # What the span relay spends on another core. With a replica's every core running
-        # a worker, as in production, the relay takes its CPU from them: worker and relay
-        # together are what a saturated replica pays per request.
-        "relay_us_per_request": {name: relayed[name] / served[name] * 1e6 for name in configs},
-        "rounds": rounds,
-        "seconds": seconds,
-        "concurrency": concurrency,
-    }
+    return {"rates": rates, "busy": busy, "spent": spent, "relayed": relayed, "served": served}
 
 
 def report(result: dict[str, Any]) -> None:

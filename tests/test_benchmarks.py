@@ -5,7 +5,8 @@ the figures live in docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
-from benchmarks import components, overhead, stack
+from benchmarks import components, overhead, stack, versus
+from tests.servers import ROOT
 
 
 def test_the_overhead_benchmark_measures_every_server_and_the_relay():
@@ -16,6 +17,13 @@ def test_the_overhead_benchmark_measures_every_server_and_the_relay():
     assert relay["on"] > 0  # the relay was found, and it did work
     # Only the exporting servers have a relay (a 1 s run at 10% may not cost it a tick).
     assert relay["ids"] == relay["off"] == relay["logs"] == relay["off, again"] == 0
+
+
+def test_the_versus_benchmark_measures_both_checkouts_on_and_off():
+    result = versus.measure(ROOT, rounds=1, seconds=1, concurrency=2)  # this one, twice
+    assert set(result["rps"]) == {"this on", "this off", "other on", "other off"}
+    assert min(result["rps"].values()) > 0
+    assert min(result["worker_us_per_request"].values()) > 0
 
 
 def test_the_stack_benchmark_measures_both_endpoints_through_nginx():
