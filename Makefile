@@ -99,5 +99,6 @@ oom: install  ## ramp load on one memory-limited replica until OOM; report in lo
 bench: install $(STAMPS)/dev system-deps  ## embedding, ingest and /query throughput (docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.service
 
-clean:  ## remove the venv, exported model and local data
-	rm -rf $(VENV) $(STAMPS) models data .mypy_cache .ruff_cache .pytest_cache
+clean:  ## remove the venv, the compiled telemetry, exported model and local data
+	rm -rf $(VENV) $(STAMPS) models data .mypy_cache .ruff_cache .pytest_cache build \
+		api/telemetry/*.c api/telemetry/*.so

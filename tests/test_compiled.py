@@ -19,6 +19,24 @@ def test_every_source_is_a_module_the_project_builds() -> None:
         assert f'sources = ["api/telemetry/{source.name}"]' in built
 
 
+def test_the_per_request_objects_are_only_made_by_their_factories() -> None:
+    """Made directly, their C fields would be empty: a TypeError instead of a crash."""
+    from api.telemetry.recording import Request
+    from api.telemetry.spans import LeanSpan
+
+    for kind in (Request, LeanSpan):
+        with pytest.raises(TypeError, match="is made by"):
+            kind()
+
+
+def test_a_counter_refuses_to_go_down() -> None:
+    from api import telemetry
+    from api.telemetry import metrics
+
+    with pytest.raises(ValueError, match="only go up"):
+        telemetry.count(metrics.ERRORS, -1, type="internal")
+
+
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)
 def test_the_compiled_module_is_not_older_than_its_sources(source: Path) -> None:
     module = importlib.import_module(f"api.telemetry.{source.stem}")

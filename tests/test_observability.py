@@ -540,6 +540,9 @@ def test_an_increment_the_metrics_file_did_not_take_is_written_at_the_next_flush
     with pytest.raises(OSError):
         metrics.flush_pending()  # the flusher reports it and goes on
     assert histogram._sum.get() == 0.5  # written despite the other's failure
+    value.full = True
+    body, _ = metrics.exposition("text/plain")  # a scrape still answers
+    assert b"http_server_request_duration_seconds" in body and value.value == 0
     tally.inc(1)
     tally.dec(0.5)
     series.observe(2.0, None)

@@ -94,6 +94,8 @@ def observe(histogram: Histogram, value: float, **labels: str) -> None:
 
 
 def count(counter: Counter, amount: float = 1, **labels: str) -> None:
+    if amount < 0:  # as prometheus_client's Counter.inc: a counter only goes up
+        raise ValueError(f"counters only go up; {amount} given")
     if _metrics_on:
         child(counter, **labels).inc(amount)
 

@@ -17,6 +17,7 @@ multiprocess mode lacks are provided here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -179,8 +180,9 @@ class Exemplars:
         return json.dumps([metric, sorted(labels), le])
 
     def _local(self) -> dict[str, tuple[str, float, float]]:
-        # list() copies in one step under the GIL: the request thread may be adding keys.
-        return {self.key(*k): v for k, v in list(self.latest.items())}
+        # copy() takes the keys before it allocates anything (an allocation can run the
+        # garbage collector, and with it another thread): the request thread adds keys.
+        return {self.key(*k): v for k, v in self.latest.copy().items()}
 
     def flush(self) -> None:
         if self._dir is None or not self.dirty:
@@ -252,7 +254,11 @@ def _attach(name: str, sample: Any, exemplars: dict[str, tuple[str, float, float
 
 def exposition(accept: str, extra: Iterable[Any] = ()) -> tuple[bytes, str]:
     """The /metrics body: OpenMetrics (with exemplars) when the scraper asks for it."""
-    flush_pending()  # this worker's figures are fresh; the others' trail by a tick,
+    # This worker's figures are fresh; the others' trail by a tick. A value its file cannot
+    # take (a full tmpfs) waits for the next flush, and the flusher says so: the scrape
+    # still answers, with what the files hold.
+    with contextlib.suppress(Exception):
+        flush_pending()
     if MULTIPROC_DIR:
         sample_process()  # and their RSS and CPU by seconds
         source = CollectorRegistry()

@@ -14,7 +14,6 @@ exactly as the middleware did.
 `make install` (pip install -e .) builds it; after editing this file, run it again.
 """
 
-from libc.math cimport floor
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from api.telemetry.hexids cimport hex64, hex128
@@ -227,6 +226,9 @@ cdef class Request:
     """One request's recording: the `send` the app gets (it notes the status and adds
     X-Request-ID), then `finish`."""
 
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a Request is made by Recorder.begin")
+
     cdef readonly str request_id
     cdef readonly int status
     cdef readonly bint started
@@ -296,8 +298,7 @@ cdef class Request:
                 "method": self.given_method,
                 "route": template,
                 "status": self.status,
-                # To 0.01 ms; round() formats the float as text to do it.
-                "duration_ms": floor(elapsed * 100000 + 0.5) / 100,
+                "duration_ms": round(elapsed * 1000, 2),
             }
             fields.update(self.notes)
             _access(fields, self.request_id, trace_id, None if trace_id is None else context[1])

@@ -207,6 +207,7 @@ class RelaySpanProcessor(SpanProcessor):
         self._queue = SpanRows(
             self._max_queue, self._batch, self._wake, encode_span, encode_resource, _json
         )
+        self._queue.stopped = self._stopped  # a child forked after shutdown queues nothing
         # The compiled queue's put itself: no Python frame per span.
         self.on_end = self._queue.put  # type: ignore[method-assign]
         self._sock: socket.socket | None = None

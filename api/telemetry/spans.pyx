@@ -145,6 +145,9 @@ cdef class LeanSpan:
     cdef bint _record_exception
     cdef bint _set_status_on_exception
 
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a LeanSpan is made by LeanTracer.start_span")
+
     @property
     def dropped_attributes(self):
         return 0
