@@ -83,7 +83,7 @@ def series(histogram: Histogram, **labels: str) -> Series:
     key = (histogram, *labels.items())
     found = _series.get(key)
     if found is None:
-        found = _series[key] = metrics.series(histogram, labels)
+        found = _series[key] = Series(histogram, labels, metrics.EXEMPLARS)
     return found
 
 

@@ -1,10 +1,10 @@
 """One background thread per worker that moves telemetry out of the request path.
 
-A request only records: its log lines wait in memory, its metric increments add to plain
-numbers. This thread writes them out every tenth of a second (log lines to stderr,
-increments to prometheus_client's mmap files), and less often flushes exemplars and
-samples the worker's RSS and CPU. In a busy worker a write per request was the larger
-part of what logs and metrics cost (docs/BENCHMARKS.md).
+A request only records: its log lines wait in memory, its metric increments add up in C
+(api/telemetry/tallies.pyx). This thread writes them out every tenth of a second (log
+lines to stderr, increments to prometheus_client's mmap files), and less often flushes
+exemplars and samples the worker's RSS and CPU. In a busy worker a write per request was
+the larger part of what logs and metrics cost (docs/BENCHMARKS.md).
 
 What that costs: a log line or a count reaches its file up to `TICK` seconds late, and a
 worker killed with SIGKILL loses at most that much. A warning or an error is written at

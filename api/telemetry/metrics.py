@@ -214,11 +214,6 @@ class Exemplars:
 EXEMPLARS = Exemplars(MULTIPROC_DIR)
 
 
-def series(histogram: Histogram, labels: dict[str, str]) -> tallies.Series:
-    """One labelled series of `histogram`, observed in C, with its exemplars."""
-    return tallies.Series(histogram, labels, EXEMPLARS)
-
-
 def forget_worker(pid: int) -> None:
     """gunicorn's child_exit hook: drop a dead worker's live gauges and exemplars."""
     multiprocess.mark_process_dead(pid)
