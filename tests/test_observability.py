@@ -518,7 +518,7 @@ def test_an_increment_the_metrics_file_did_not_take_is_written_at_the_next_flush
     next flush instead of losing it, and the other values are still written."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from api.telemetry import metrics, tallies
+    from api.telemetry import flusher, metrics, tallies
 
     class FileThatFillsOnce:
         def __init__(self) -> None:
@@ -535,18 +535,23 @@ def test_an_increment_the_metrics_file_did_not_take_is_written_at_the_next_flush
     tally = tallies.Tally(value)
     histogram = Histogram("t_seconds", "t", buckets=(0.1, 1), registry=CollectorRegistry())
     series = tallies.Series(histogram, {}, metrics.Exemplars(None))
-    tally.inc(3)
-    series.observe(0.5, None)
-    with pytest.raises(OSError):
-        metrics.flush_pending()  # the flusher reports it and goes on
-    assert histogram._sum.get() == 0.5  # written despite the other's failure
-    value.full = True
-    body, _ = metrics.exposition("text/plain")  # a scrape still answers
-    assert b"http_server_request_duration_seconds" in body and value.value == 0
-    tally.inc(1)
-    tally.dec(0.5)
-    series.observe(2.0, None)
-    metrics.flush_pending()
-    assert value.value == 3.5
-    assert [b.get() for b in histogram._buckets] == [0, 1, 1]
-    assert histogram._sum.get() == 2.5
+    # An app an earlier test started leaves this process's flusher thread running; it
+    # would flush between the steps below (CI saw it write the 3 after the file was
+    # "filled" again). Holding its lock keeps every flush here the test's own.
+    with flusher._running:
+        tally.inc(3)
+        series.observe(0.5, None)
+        with pytest.raises(OSError):
+            metrics.flush_pending()  # the flusher reports it and goes on
+        assert histogram._sum.get() == 0.5  # written despite the other's failure
+        value.full = True
+        body, _ = metrics.exposition("text/plain")  # a scrape still answers
+        assert b"http_server_request_duration_seconds" in body
+        assert value.value == 0
+        tally.inc(1)
+        tally.dec(0.5)
+        series.observe(2.0, None)
+        metrics.flush_pending()
+        assert value.value == 3.5
+        assert [b.get() for b in histogram._buckets] == [0, 1, 1]
+        assert histogram._sum.get() == 2.5
