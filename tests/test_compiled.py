@@ -48,3 +48,34 @@ def test_the_compiled_module_is_not_older_than_its_sources(source: Path) -> None
     assert compiled.stat().st_mtime >= newest, (
         f"{compiled.name} is older than its sources: run `make install` (pip install -e .)"
     )
+
+
+def test_a_span_context_is_the_tuple_the_compiled_code_reads() -> None:
+    """The compiled modules read a SpanContext's fields as tuple items, by the positions
+    in api/telemetry/spancontext.pxd, not through its properties (each a Python call). An
+    OpenTelemetry API that laid them out otherwise must fail here, not mislabel spans."""
+    from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+
+    state = TraceState([("vendor", "value")])
+    context = SpanContext(0xABC, 0xDEF, True, TraceFlags(TraceFlags.SAMPLED | 2), state)
+    layout = (TELEMETRY / "spancontext.pxd").read_text()
+    positions = {
+        name: int(index)
+        for name, index in (
+            line.strip().split(" = ") for line in layout.splitlines() if " = " in line
+        )
+        if name.isupper() and name not in ("SAMPLED", "RANDOM_TRACE_ID")
+    }
+    assert positions == {
+        "TRACE_ID": 0,
+        "SPAN_ID": 1,
+        "IS_REMOTE": 2,
+        "TRACE_FLAGS": 3,
+        "TRACE_STATE": 4,
+        "IS_VALID": 5,
+    }
+    for name, index in positions.items():
+        assert context[index] is getattr(context, name.lower())
+    assert SpanContext(0, 0xDEF, False)[positions["IS_VALID"]] is False
+    assert context.trace_flags.sampled and context.trace_flags.random_trace_id
+    assert (TraceFlags.SAMPLED, TraceFlags.RANDOM_TRACE_ID) == (1, 2)

@@ -91,17 +91,26 @@ def test_a_lean_span_writes_the_row_any_span_would():
         assert span.events or span.links or span.parent  # the rare fields are there
         assert span.row() == relay._row(span)
     odd = spans[1]
-    odd.attributes = {"raw": b"\x00\xff", "huge": 2**70, "object": object()}
+    # and a key that is not a str, which the queue leaves to encode_span as well
+    seven: Any = 7  # the API types keys as str; a caller may still pass another
+    odd.attributes = {"raw": b"\x00\xff", "huge": 2**70, "object": object(), seven: "seven"}
     expected = relay._row(odd)
     relay._drop_unwritable(expected)  # the integer OTLP cannot carry goes, alone
     written = relay.encode_span(odd)
     assert written == relay._dumps(expected)
-    assert orjson.loads(written)[10] == {"raw": {BYTES_TAG: "AP8="}, "object": None}
+    assert orjson.loads(written)[10] == {
+        "raw": {BYTES_TAG: "AP8="},
+        "object": None,
+        "7": "seven",
+    }
     # The processor's queue writes our spans itself, the odd one through encode_span.
     queue = SpanRows(8, 8, threading.Event(), relay.encode_span, relay.encode_resource, relay._json)
     for span in spans:
         queue.put(span)
     assert queue.take() == ([relay.encode_span(span) for span in spans], 0)
+    odd.attributes = {seven: "seven"}  # alone: only the key sends it to encode_span
+    queue.put(odd)
+    assert queue.take() == ([relay.encode_span(odd)], 0)
 
 
 def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(

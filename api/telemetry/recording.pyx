@@ -17,6 +17,14 @@ exactly as the middleware did.
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from api.telemetry.hexids cimport hex64, hex128
+from api.telemetry.spancontext cimport (
+    IS_VALID,
+    SAMPLED,
+    SPAN_ID,
+    TRACE_FLAGS,
+    TRACE_ID,
+    field,
+)
 
 import random
 import time
@@ -273,10 +281,11 @@ cdef class Request:
         template = getattr(route, "path", None) or "unmatched"  # never the raw path
         span = self.span
         trace_id = None
+        context = None
         if span is not None:
             context = span.get_span_context()
-            if context.is_valid:
-                trace_id = hex128(context.trace_id)
+            if field(context, IS_VALID):
+                trace_id = hex128(field(context, TRACE_ID))
         if self.active is not None:
             self.active.dec()
             labels = (self.method, template, self.status)
@@ -290,7 +299,9 @@ cdef class Request:
                 )
             # The exemplar: only a trace that is sampled and exported can be looked up.
             exemplar = (
-                trace_id if trace_id is not None and traces._exporting and context[3] & 1 else None
+                trace_id
+                if trace_id is not None and traces._exporting and field(context, TRACE_FLAGS) & SAMPLED
+                else None
             )
             durations.observe(elapsed, exemplar)
         if recorder.access_log_on:
@@ -301,7 +312,8 @@ cdef class Request:
                 "duration_ms": round(elapsed * 1000, 2),
             }
             fields.update(self.notes)
-            _access(fields, self.request_id, trace_id, None if trace_id is None else context[1])
+            span_id = None if trace_id is None else field(context, SPAN_ID)
+            _access(fields, self.request_id, trace_id, span_id)
         _REQUEST_ID_VAR.reset(self.id_token)
         telemetry.request_notes.reset(self.notes_token)
         if span is not None:

@@ -35,6 +35,17 @@ when the runtime context is the default one, as OpenTelemetry's own would.
 """
 
 from api.telemetry.hexids cimport hex64, hex128
+from api.telemetry.spancontext cimport (
+    IS_REMOTE,
+    IS_VALID,
+    RANDOM_TRACE_ID,
+    SAMPLED,
+    SPAN_ID,
+    TRACE_FLAGS,
+    TRACE_ID,
+    TRACE_STATE,
+    field,
+)
 
 import atexit
 import random
@@ -55,13 +66,9 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.trace.status import Status, StatusCode
 
-_FLAGS = {  # (sampled, random trace id) -> flags, as the SDK sets them
-    (sampled, random_id): TraceFlags(
-        (TraceFlags.SAMPLED if sampled else 0) | (TraceFlags.RANDOM_TRACE_ID if random_id else 0)
-    )
-    for sampled in (False, True)
-    for random_id in (False, True)
-}
+# The flags a new span gets, as the SDK sets them, by their bits: index SAMPLED |
+# RANDOM_TRACE_ID (a tuple's item: no key to build per span).
+cdef tuple _FLAGS = tuple(TraceFlags(bits) for bits in range(4))
 _UNSET = Status(StatusCode.UNSET)
 _OK = StatusCode.OK
 _INTERNAL = SpanKind.INTERNAL
@@ -114,9 +121,20 @@ cpdef object with_span(object span, object context):
 cpdef object current_span(object context):
     """`trace.get_current_span(context)`."""
     span = (current_context() if context is None else context).get(_SPAN_KEY)
-    if span is None or not isinstance(span, trace.Span):
+    if span is None:
         return trace.INVALID_SPAN
-    return span
+    # Our spans first: `isinstance` against the API's abstract class goes through ABCMeta
+    # (~3,500 instructions a call).
+    if type(span) is LeanSpan or type(span) is NonRecordingSpan or isinstance(span, trace.Span):
+        return span
+    return trace.INVALID_SPAN
+
+
+cdef object span_context_of(object span):
+    """`span.get_span_context()`."""
+    if type(span) is LeanSpan:
+        return (<LeanSpan>span).context
+    return span.get_span_context()
 
 
 cdef object _span_context(object trace_id, object span_id, object flags, object state):
@@ -232,16 +250,16 @@ cdef class LeanSpan:
     cdef list _row(self):
         ctx = self.context
         parent = self.parent
-        state = ctx[4]
+        state = field(ctx, TRACE_STATE)
         status = self.status
         return [
             self.name,
-            hex128(ctx[0]),
-            hex64(ctx[1]),
-            ctx[3],
+            hex128(field(ctx, TRACE_ID)),
+            hex64(field(ctx, SPAN_ID)),
+            field(ctx, TRACE_FLAGS),
             "" if state is DEFAULT_TRACE_STATE or not state else state.to_header(),
-            None if parent is None else hex64(parent[1]),
-            parent is not None and parent[2],
+            None if parent is None else hex64(field(parent, SPAN_ID)),
+            parent is not None and field(parent, IS_REMOTE),
             self.kind._value_,
             self.start_time,
             self.end_time,
@@ -324,19 +342,17 @@ cdef class SpanRows:
         """A span ended (the processor's on_end): encoded and queued, or dropped if the
         queue is full or the span cannot be written; never raised."""
         context = span.context
-        if self.stopped or not context or not (context[3] & 1):  # not sampled
+        if self.stopped or not context or not (field(context, TRACE_FLAGS) & SAMPLED):
             return
         try:
             if self.resource is None:
                 self.resource = self._encode_resource(span.resource)
             row = None
             if type(span) is LeanSpan:
+                # Without `encode`'s OPT_NON_STR_KEYS (a third of orjson's time here): an
+                # attribute key that is not a str raises, and `encode` writes it.
                 try:
-                    row = orjson.dumps(
-                        (<LeanSpan>span)._row(),
-                        default=self._default,
-                        option=orjson.OPT_NON_STR_KEYS,
-                    )
+                    row = orjson.dumps((<LeanSpan>span)._row(), default=self._default)
                 except TypeError:  # what OTLP cannot carry: `encode` drops just that
                     pass
             if row is None:
@@ -450,24 +466,26 @@ cdef class LeanTracer:
         bint set_status_on_exception=True,
     ):
         cdef bint sampled, recording, random_id
-        parent = current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-            random_id = parent.trace_flags.random_trace_id
+        parent = span_context_of(current_span(context))
+        cdef long parent_flags = 0
+        if parent is not None and field(parent, IS_VALID):
+            trace_id = field(parent, TRACE_ID)
+            parent_flags = field(parent, TRACE_FLAGS)
+            random_id = parent_flags & RANDOM_TRACE_ID
         else:
             parent = None
             trace_id = _getrandbits(128) or 1
             random_id = True
         span_attributes = dict(attributes) if attributes else {}
-        if parent is not None and not parent.is_remote and self._parent_based:
+        if parent is not None and not field(parent, IS_REMOTE) and self._parent_based:
             # What the parent-based sampler answers under a local parent, without the call.
-            sampled = recording = parent.trace_flags.sampled
-            state = parent.trace_state
+            sampled = recording = parent_flags & SAMPLED
+            state = field(parent, TRACE_STATE)
         elif self._fixed is not None:
             # What a fixed sampler answers, without the call: its decision, and the
             # parent's trace state carried on.
             sampled, recording = self._fixed
-            state = parent.trace_state if parent is not None else None
+            state = field(parent, TRACE_STATE) if parent is not None else None
         elif parent is None and self._root is not None:
             # A root under an always-on or always-off sampler (the default is always-on
             # under parent-based): its answer is fixed, without the call.
@@ -483,7 +501,10 @@ cdef class LeanTracer:
             if result.attributes:
                 span_attributes.update(result.attributes)
         span_context = _span_context(
-            trace_id, _getrandbits(64) or 1, _FLAGS[sampled, random_id], state
+            trace_id,
+            _getrandbits(64) or 1,
+            _FLAGS[(SAMPLED if sampled else 0) | (RANDOM_TRACE_ID if random_id else 0)],
+            state,
         )
         if not recording or not self.processors:
             # With no processor to receive it (no exporter configured), a recorded span
