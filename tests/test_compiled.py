@@ -60,11 +60,16 @@ def test_a_span_context_is_the_tuple_the_compiled_code_reads() -> None:
     context = SpanContext(0xABC, 0xDEF, True, TraceFlags(TraceFlags.SAMPLED | 2), state)
     layout = (TELEMETRY / "spancontext.pxd").read_text()
     positions = {
-        name: int(index)
-        for name, index in (
+        name: int(value.split("#")[0])
+        for name, value in (
             line.strip().split(" = ") for line in layout.splitlines() if " = " in line
         )
-        if name.isupper() and name not in ("SAMPLED", "RANDOM_TRACE_ID")
+        if name.isupper()
+    }
+    bits = {name: positions.pop(name) for name in ("SAMPLED", "RANDOM_TRACE_ID")}
+    assert bits == {
+        "SAMPLED": TraceFlags.SAMPLED,
+        "RANDOM_TRACE_ID": TraceFlags.RANDOM_TRACE_ID,
     }
     assert positions == {
         "TRACE_ID": 0,
@@ -76,6 +81,8 @@ def test_a_span_context_is_the_tuple_the_compiled_code_reads() -> None:
     }
     for name, index in positions.items():
         assert context[index] is getattr(context, name.lower())
-    assert SpanContext(0, 0xDEF, False)[positions["IS_VALID"]] is False
+    # The two booleans told apart: remote but not valid.
+    remote_invalid = SpanContext(0, 0xDEF, True)
+    assert remote_invalid[positions["IS_REMOTE"]] is True
+    assert remote_invalid[positions["IS_VALID"]] is False
     assert context.trace_flags.sampled and context.trace_flags.random_trace_id
-    assert (TraceFlags.SAMPLED, TraceFlags.RANDOM_TRACE_ID) == (1, 2)

@@ -109,8 +109,17 @@ def test_a_lean_span_writes_the_row_any_span_would():
         queue.put(span)
     assert queue.take() == ([relay.encode_span(span) for span in spans], 0)
     odd.attributes = {seven: "seven"}  # alone: only the key sends it to encode_span
+    encoded: list[Any] = []
+
+    def encode(span: Any) -> bytes:
+        encoded.append(span)
+        return relay.encode_span(span)
+
+    queue = SpanRows(8, 8, threading.Event(), encode, relay.encode_resource, relay._json)
+    queue.put(spans[0])
     queue.put(odd)
-    assert queue.take() == ([relay.encode_span(odd)], 0)
+    assert encoded == [odd]  # the ordinary span was written by the queue itself
+    assert queue.take() == ([relay.encode_span(spans[0]), relay.encode_span(odd)], 0)
 
 
 def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(
