@@ -4,6 +4,7 @@ what the tests run must be built from the sources beside it."""
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,39 @@ def test_a_span_context_is_the_tuple_the_compiled_code_reads() -> None:
     assert remote_invalid[positions["IS_REMOTE"]] is True
     assert remote_invalid[positions["IS_VALID"]] is False
     assert context.trace_flags.sampled and context.trace_flags.random_trace_id
+
+
+def test_a_forked_child_starts_with_nothing_pending() -> None:
+    """Sums recorded before a fork are the parent's to write: a gunicorn worker forked
+    from a master that had counted something must not count it again."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from api.telemetry import flusher, metrics, tallies
+
+    class Value:
+        def __init__(self) -> None:
+            self.value = 0.0
+
+        def inc(self, amount: float) -> None:
+            self.value += amount
+
+    value = Value()
+    tally = tallies.Tally(value)
+    histogram = Histogram("f_seconds", "f", buckets=(1,), registry=CollectorRegistry())
+    series = tallies.Series(histogram, {}, metrics.Exemplars(None))
+    with flusher._running:  # an earlier test's flusher thread must not flush in between
+        tally.inc(5)
+        series.observe(0.5, None)
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of the parent's to write
+            try:
+                tallies.flush()
+                written = value.value, histogram._sum.get(), [b.get() for b in histogram._buckets]
+                os._exit(0 if written == (0.0, 0.0, [0.0, 0.0]) else 1)
+            finally:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        tallies.flush()
+        assert value.value == 5
+        assert histogram._sum.get() == 0.5

@@ -298,11 +298,8 @@ cdef class Request:
                     http_response_status_code=str(self.status),
                 )
             # The exemplar: only a trace that is sampled and exported can be looked up.
-            exemplar = (
-                trace_id
-                if trace_id is not None and traces._exporting and field(context, TRACE_FLAGS) & SAMPLED
-                else None
-            )
+            sampled = trace_id is not None and field(context, TRACE_FLAGS) & SAMPLED
+            exemplar = trace_id if sampled and traces._exporting else None
             durations.observe(elapsed, exemplar)
         if recorder.access_log_on:
             fields = {

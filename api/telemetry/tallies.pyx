@@ -22,7 +22,17 @@ import os
 cdef list _all = []  # every Tally and Series of this process
 
 
-cdef class Tally:
+cdef class _Pending:
+    """What the flusher writes: sums waiting for prometheus_client's values."""
+
+    cdef void _write(self) except *:
+        pass
+
+    cdef void _forget(self) noexcept:
+        pass
+
+
+cdef class Tally(_Pending):
     """A counter's or gauge's value, with its increments added up here."""
 
     cdef object _value  # prometheus_client's value (a child's `_value`)
@@ -50,8 +60,11 @@ cdef class Tally:
             self._pending += amount  # tried again at the next flush
             raise
 
+    cdef void _forget(self) noexcept:
+        self._pending = 0.0
 
-cdef class Series:
+
+cdef class Series(_Pending):
     """One labelled series of a histogram: its observations added up here, and the
     newest exemplar of each bucket kept in `exemplars` (api/telemetry/metrics.py), keyed
     by (metric name, label pairs, bucket text)."""
@@ -129,6 +142,11 @@ cdef class Series:
                     self._counts[i] += count
                     raise
 
+    cdef void _forget(self) noexcept:
+        self._pending_sum = 0.0
+        for i in range(self._n):
+            self._counts[i] = 0.0
+
 
 def le(bound):
     """A bucket's bound as the exposition writes it."""
@@ -139,17 +157,11 @@ def flush():
     """Every sum into prometheus_client's values. One that cannot be written (a full
     tmpfs) keeps its amount for the next flush; the first such error is raised after the
     others are written."""
-    cdef Tally tally
-    cdef Series series
+    cdef _Pending pending
     failed = None
-    for found in list(_all):
+    for pending in list(_all):
         try:
-            if type(found) is Tally:
-                tally = found
-                tally._write()
-            else:
-                series = found
-                series._write()
+            pending._write()
         except Exception as exc:
             failed = failed or exc
     if failed is not None:
@@ -158,17 +170,9 @@ def flush():
 
 def _forget_pending():
     """A forked child starts with nothing pending: its parent's sums are its parent's."""
-    cdef Tally tally
-    cdef Series series
-    for found in _all:
-        if type(found) is Tally:
-            tally = found
-            tally._pending = 0.0
-        else:
-            series = found
-            series._pending_sum = 0.0
-            for i in range(series._n):
-                series._counts[i] = 0.0
+    cdef _Pending pending
+    for pending in _all:
+        pending._forget()
 
 
 if hasattr(os, "register_at_fork"):
