@@ -1,5 +1,5 @@
-"""The telemetry's compiled modules (api/telemetry/*.pyx, built by `pip install -e .`):
-what the tests run must be built from the sources beside it."""
+"""The telemetry's compiled modules (api/telemetry/*.pyx, and otlp.py compiled as it is;
+built by `pip install -e .`): what the tests run must be built from the sources beside it."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 TELEMETRY = Path(__file__).resolve().parent.parent / "api" / "telemetry"
-SOURCES = sorted(TELEMETRY.glob("*.pyx"))
+# A .py compiled as it is: its .so is what imports, so a stale one would hide an edit.
+SOURCES = sorted([*TELEMETRY.glob("*.pyx"), TELEMETRY / "otlp.py"])
 
 
 def test_every_source_is_a_module_the_project_builds() -> None:
     built = Path(__file__).resolve().parent.parent.joinpath("pyproject.toml").read_text()
     assert SOURCES
     for source in SOURCES:
-        assert f'sources = ["api/telemetry/{source.name}"]' in built
+        assert f'sources = ["api/telemetry/{source.name}"]' in built, source.name
 
 
 def test_the_per_request_objects_are_only_made_by_their_factories() -> None:
@@ -44,7 +45,11 @@ def test_the_compiled_module_is_not_older_than_its_sources(source: Path) -> None
     compiled = Path(module.__file__ or "")
     assert compiled.suffix == ".so", f"{source.name} is not compiled: run `make install`"
     text = source.read_text()
-    used = [pxd for pxd in TELEMETRY.glob("*.pxd") if f"{pxd.stem} cimport" in text]
+    used = [
+        pxd
+        for pxd in TELEMETRY.glob("*.pxd")
+        if f"{pxd.stem} cimport" in text or pxd.stem == source.stem  # its own declarations
+    ]
     newest = max(path.stat().st_mtime for path in [source, *used])
     assert compiled.stat().st_mtime >= newest, (
         f"{compiled.name} is older than its sources: run `make install` (pip install -e .)"
@@ -87,6 +92,17 @@ def test_a_span_context_is_the_tuple_the_compiled_code_reads() -> None:
     assert remote_invalid[positions["IS_REMOTE"]] is True
     assert remote_invalid[positions["IS_VALID"]] is False
     assert context.trace_flags.sampled and context.trace_flags.random_trace_id
+
+
+def test_a_non_recording_span_keeps_its_context_where_the_compiled_code_reads_it() -> None:
+    """spans.pyx reads a NonRecordingSpan's context from `_context` (a Python call less
+    for every span under a remote parent, or with no parent at all)."""
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+    context = SpanContext(0xABC, 0xDEF, True)
+    span = NonRecordingSpan(context)
+    assert span._context is context
+    assert span.get_span_context() is context
 
 
 def test_a_forked_child_starts_with_nothing_pending() -> None:

@@ -143,6 +143,43 @@ def test_many_lines_do_not_wait_for_the_clock(monkeypatch: pytest.MonkeyPatch) -
     assert [json.loads(x)["i"] for x in stream.data.splitlines()] == list(range(lines.MAX))
 
 
+def test_lines_added_without_a_lock_while_another_thread_writes_are_all_written_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The queue takes a line without a lock (the access line's way in). Four threads
+    add while the main thread keeps writing the queue out: every line comes out once,
+    and each thread's in the order it added them."""
+    stream = _Stream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    lines = logs._Lines()
+    lines.buffered = True
+    count = 100_000
+    done = threading.Event()
+
+    def add(thread: int) -> None:
+        for i in range(count):
+            if lines.queue.add(b"%d %d\n" % (thread, i), False):
+                lines.flush()
+
+    def join_all() -> None:
+        for thread in threads:
+            thread.join()
+        done.set()
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    threading.Thread(target=join_all).start()
+    while not done.is_set():
+        lines.flush()
+    lines.flush()
+    seen: dict[int, list[int]] = {n: [] for n in range(4)}
+    for line in stream.data.splitlines():
+        thread, i = map(int, line.split())
+        seen[thread].append(i)
+    assert seen == {n: list(range(count)) for n in range(4)}
+
+
 class _Stream:
     """A stderr whose writes can be short, fail, or log a line of their own."""
 

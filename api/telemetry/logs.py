@@ -26,6 +26,7 @@ import structlog
 from opentelemetry import trace
 
 from api.telemetry import flusher
+from api.telemetry.tallies import LineQueue
 
 _HANDLER = "rag-api"
 
@@ -102,35 +103,39 @@ def _renderer(fmt: str, text: bool) -> structlog.types.Processor:
 class _Lines:
     """Where our lines wait for the flusher (api/telemetry/flusher.py) when buffering is
     on: one write a tenth of a second instead of one per request. A warning or worse is
-    written at once, after the lines before it. Written under the lock, so lines from
-    several threads keep their order. The lock is re-entrant: a write can set off a line
-    of its own in the same thread (asyncio logs an unread Future's error when the garbage
-    collector frees it, wherever that happens)."""
+    written at once, after the lines before it. The queue is compiled
+    (`tallies.LineQueue`): a line is added without a lock, which lets the access line
+    skip one. Written under the lock, so lines from several threads keep their order.
+    The lock is re-entrant: a write can set off a line of its own in the same thread
+    (asyncio logs an unread Future's error when the garbage collector frees it, wherever
+    that happens)."""
 
     MAX = 256  # lines held before a write regardless of the clock
 
     def __init__(self) -> None:
         self._pipe = _PipeLock()
-        self._reset()
-        self.buffered = False
+        self.queue = LineQueue(self.MAX)
+        self._lock = threading.RLock()
         self._failed = False
         if hasattr(os, "register_at_fork"):  # a child forked mid-write starts clean
             os.register_at_fork(after_in_child=self._after_fork)
 
-    def _reset(self) -> None:
-        self._lines: list[bytes] = []
-        self._lock = threading.RLock()
+    @property
+    def buffered(self) -> bool:
+        return self.queue.buffered
+
+    @buffered.setter
+    def buffered(self, on: bool) -> None:
+        self.queue.buffered = on
 
     def _after_fork(self) -> None:
-        self._reset()
+        self.queue.take()  # the parent's lines are the parent's to write
+        self._lock = threading.RLock()
         self._pipe.after_fork()
 
     def add(self, line: bytes, urgent: bool) -> None:
-        with self._lock:
-            self._lines.append(line)
-            if self.buffered and not urgent and len(self._lines) < self.MAX:
-                return
-            self._write()
+        if self.queue.add(line, urgent):
+            self.flush()
 
     def flush(self) -> None:
         with self._lock:
@@ -143,9 +148,9 @@ class _Lines:
             self._write()
 
     def _write(self) -> None:
-        if not self._lines:
+        lines = self.queue.take()
+        if not lines:
             return
-        lines, self._lines = self._lines, []
         try:
             # Looked up per write, not bound once: loggers cached on first use keep
             # working when the stream is replaced (pytest's capture does that).

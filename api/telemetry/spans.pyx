@@ -75,6 +75,7 @@ _INTERNAL = SpanKind.INTERNAL
 _getrandbits = random.getrandbits  # reseeded in every forked worker by the random module
 _now = time.time_ns
 _new_tuple = tuple.__new__
+_dumps = orjson.dumps
 # The default runtime context keeps the current Context in one ContextVar; read and set
 # it directly (what its get_current/attach do). Another runtime (OTEL_PYTHON_CONTEXT)
 # goes through the API.
@@ -134,6 +135,8 @@ cdef object span_context_of(object span):
     """`span.get_span_context()`."""
     if type(span) is LeanSpan:
         return (<LeanSpan>span).context
+    if type(span) is NonRecordingSpan:  # what its get_span_context returns, without the call
+        return span._context
     return span.get_span_context()
 
 
@@ -148,20 +151,6 @@ cdef object _span_context(object trace_id, object span_id, object flags, object 
 cdef class LeanSpan:
     """A recording span. Once ended it is also the read-only view the exporters read
     (the fields of the SDK's `ReadableSpan`)."""
-
-    cdef public object name
-    cdef public object context
-    cdef public object parent
-    cdef public object kind
-    cdef public object attributes
-    cdef public object events
-    cdef public object links
-    cdef public object status
-    cdef public object start_time
-    cdef public object end_time
-    cdef LeanTracer _tracer
-    cdef bint _record_exception
-    cdef bint _set_status_on_exception
 
     def __init__(self, *args, **kwargs):
         raise TypeError("a LeanSpan is made by LeanTracer.start_span")
@@ -235,6 +224,10 @@ cdef class LeanSpan:
         self.add_event("exception", fields, timestamp)
 
     def end(self, end_time=None):
+        self._end(end_time)
+
+    cdef void _end(self, object end_time) except *:
+        """Ended at `end_time` (None: now) and handed to the processors, once."""
         if self.end_time is not None:
             return
         self.end_time = end_time or _now()
@@ -291,7 +284,7 @@ cdef class LeanSpan:
         # Any exception, as the SDK's Span.__exit__ (use_span, below, takes Exception only).
         if exc_val is not None and self.end_time is None:
             _failed(self, exc_val, self._record_exception, self._set_status_on_exception, True)
-        self.end()
+        self._end(None)
 
 
 trace.Span.register(LeanSpan)
@@ -352,7 +345,7 @@ cdef class SpanRows:
                 # Without `encode`'s OPT_NON_STR_KEYS (a third of orjson's time here): an
                 # attribute key that is not a str raises, and `encode` writes it.
                 try:
-                    row = orjson.dumps((<LeanSpan>span)._row(), default=self._default)
+                    row = _dumps((<LeanSpan>span)._row(), self._default)
                 except TypeError:  # what OTLP cannot carry: `encode` drops just that
                     pass
             if row is None:
@@ -430,15 +423,6 @@ def _follows_local_parents(sampler):
 
 
 cdef class LeanTracer:
-    cdef readonly object scope
-    cdef readonly object resource
-    cdef readonly list processors  # the provider's list: processors added later count
-    cdef readonly tuple scope_row  # the scope's fields in a relay row, made once
-    cdef object _sampler
-    cdef bint _parent_based
-    cdef object _root  # a root span's fixed answer (sampled, recording), if any
-    cdef object _fixed  # every span's fixed answer, if any
-
     def __init__(self, provider, scope):
         self.scope = scope
         self.scope_row = (scope.name, scope.version, scope.schema_url, plain(scope.attributes))
@@ -465,6 +449,29 @@ cdef class LeanTracer:
         bint record_exception=True,
         bint set_status_on_exception=True,
     ):
+        return self.start(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
+
+    cdef object start(
+        self,
+        name,
+        context,
+        kind,
+        attributes,
+        links,
+        start_time,
+        bint record_exception,
+        bint set_status_on_exception,
+    ):
+        """`start_span`, as a C call for the compiled request path."""
         cdef bint sampled, recording, random_id
         parent = span_context_of(current_span(context))
         cdef long parent_flags = 0
@@ -543,7 +550,7 @@ cdef class LeanTracer:
         bint end_on_exit=True,
     ):
         cdef _Current current = _Current.__new__(_Current)
-        current.span = self.start_span(
+        current.span = self.start(
             name,
             context,
             kind,

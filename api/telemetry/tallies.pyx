@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Metric increments on the request path, added up in C until the flusher writes them.
+"""Metric increments on the request path, added up in C until the flusher writes them;
+and the queue of log lines it writes too.
 
 In multiprocess mode prometheus_client's value takes a lock, checks the pid and writes its
 mmap file on every increment, behind a few Python calls of the metric's own; a cached
@@ -35,13 +36,12 @@ cdef class _Pending:
 cdef class Tally(_Pending):
     """A counter's or gauge's value, with its increments added up here."""
 
-    cdef object _value  # prometheus_client's value (a child's `_value`)
-    cdef double _pending
-
     def __init__(self, value):
         self._value = value
         self._pending = 0.0
         _all.append(self)
+
+    # _value: prometheus_client's value (a child's `_value`); _pending: the sum to add.
 
     cpdef void inc(self, double amount=1.0):
         self._pending += amount
@@ -69,14 +69,8 @@ cdef class Series(_Pending):
     newest exemplar of each bucket kept in `exemplars` (api/telemetry/metrics.py), keyed
     by (metric name, label pairs, bucket text)."""
 
-    cdef object _sum  # prometheus_client's values: the sum, and one per bucket
-    cdef list _buckets
-    cdef Py_ssize_t _n
-    cdef double *_bounds
-    cdef double *_counts  # pending, per bucket
-    cdef double _pending_sum
-    cdef list _keys  # each bucket's exemplar key
-    cdef object _exemplars
+    # _sum, _buckets: prometheus_client's values, the sum and one per bucket; _bounds and
+    # _counts (pending), per bucket; _keys: each bucket's exemplar key.
 
     def __cinit__(self, histogram, dict labels, exemplars):
         bounds = histogram._upper_bounds  # the histogram's own edges, +Inf last
@@ -146,6 +140,30 @@ cdef class Series(_Pending):
         self._pending_sum = 0.0
         for i in range(self._n):
             self._counts[i] = 0.0
+
+
+cdef class LineQueue:
+    """Log lines waiting to be written (api/telemetry/logs.py holds the one queue and
+    writes it). `add` and `take` run under the GIL and call no Python code between
+    reading the list and changing it, so a line added on any thread is never lost
+    between a take and the list that replaces it, and the request path adds its line
+    without a lock. Writing, which must keep lines in order across threads, is the
+    caller's, under its own lock."""
+
+    def __init__(self, Py_ssize_t max):
+        self._lines = []
+        self.buffered = False
+        self.max = max
+
+    cpdef bint add(self, bytes line, bint urgent):
+        """Queued; True if the queue should be written now (unbuffered, urgent, or full)."""
+        self._lines.append(line)
+        return not self.buffered or urgent or len(self._lines) >= self.max
+
+    cpdef list take(self):
+        """Every line queued, in order; the queue left empty."""
+        lines, self._lines = self._lines, []
+        return lines
 
 
 def le(bound):
