@@ -17,8 +17,9 @@ PACKAGED_SERVICES := redis-server nginx prometheus prometheus-nginx-exporter pro
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-# Rebuilt when a compiled module's source changes too (api/telemetry/*.pyx, *.pxd).
-$(STAMPS)/venv: pyproject.toml $(wildcard api/telemetry/*.pyx api/telemetry/*.pxd)
+# Rebuilt when a compiled module's source changes too (api/telemetry/*.pyx, *.pxd, and
+# otlp.py, compiled as it is: its stale .so would shadow an edit).
+$(STAMPS)/venv: pyproject.toml $(wildcard api/telemetry/*.pyx api/telemetry/*.pxd) api/telemetry/otlp.py
 	@# A stock Debian has neither ensurepip (python3-venv) nor the C/C++ compiler and
 	@# Python headers that llama-cpp-python and our Cython module build with: installed
 	@# here only when missing.

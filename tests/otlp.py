@@ -28,6 +28,7 @@ class ReceivedSpan:
     attributes: dict[str, object]
     service: str
     trace_state: str = ""
+    duration_ns: int = 0
 
 
 class OtlpReceiver:
@@ -93,6 +94,7 @@ class OtlpReceiver:
                                 attributes,
                                 service,
                                 span.trace_state,
+                                span.end_time_unix_nano - span.start_time_unix_nano,
                             )
                         )
 

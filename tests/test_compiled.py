@@ -94,6 +94,33 @@ def test_a_span_context_is_the_tuple_the_compiled_code_reads() -> None:
     assert context.trace_flags.sampled and context.trace_flags.random_trace_id
 
 
+def test_the_compiled_otlp_writer_writes_what_the_interpreted_one_does() -> None:
+    """otlp.py runs compiled; the same source interpreted must agree byte for byte, on
+    values the annotations do not name exactly (an IntEnum, a StrEnum, None)."""
+    import enum
+    import http
+    import importlib.util
+
+    from api.telemetry import otlp
+
+    spec = importlib.util.spec_from_file_location("otlp_interpreted", TELEMETRY / "otlp.py")
+    assert spec is not None and spec.loader is not None
+    interpreted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(interpreted)
+    assert Path(otlp.__file__ or "").suffix == ".so"
+
+    class Color(enum.StrEnum):
+        RED = "red"
+
+    attributes = {"status": http.HTTPStatus.OK, "color": Color.RED, "none": None, "n": 3}
+    row = [
+        "span", "ab" * 16, "cd" * 8, 1, "", None, False, 1, 10, 20, attributes,
+        0, None, [["event", 15, dict(attributes)]], [], "scope", None, None, {},
+    ]  # fmt: skip
+    message = {"resource": {"service.name": "x"}, "resource_schema_url": None, "spans": [row]}
+    assert otlp.encode_request(message) == interpreted.encode_request(message)
+
+
 def test_a_non_recording_span_keeps_its_context_where_the_compiled_code_reads_it() -> None:
     """spans.pyx reads a NonRecordingSpan's context from `_context` (a Python call less
     for every span under a remote parent, or with no parent at all)."""

@@ -175,8 +175,8 @@ def test_lines_added_without_a_lock_while_another_thread_writes_are_all_written_
     lines.flush()
     seen: dict[int, list[int]] = {n: [] for n in range(4)}
     for line in stream.data.splitlines():
-        thread, i = map(int, line.split())
-        seen[thread].append(i)
+        adder, i = map(int, line.split())
+        seen[adder].append(i)
     assert seen == {n: list(range(count)) for n in range(4)}
 
 

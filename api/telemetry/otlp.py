@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """OTLP's ExportTraceServiceRequest written straight as protobuf bytes, for the span relay.
 
 Building the request as protobuf message objects and serialising them cost the relay
@@ -6,6 +7,10 @@ about 20 µs a span, most of it in creating the objects: a span is some forty of
 joined, and an attribute that recurs on every span (`db.system.name = redis`) is
 encoded once and remembered. The output is the same message: the tests parse it with
 opentelemetry-proto and compare it with what the SDK's own encoder makes.
+
+Compiled by Cython as it is (pyproject.toml; ~1.5x faster, docs/BENCHMARKS.md, session
+11), with annotation typing off (the first line) so that the compiled module accepts
+exactly what the interpreted one does: an int or str subclass, say.
 
 Field numbers and wire types are those of opentelemetry/proto/trace/v1/trace.proto,
 common/v1/common.proto and resource/v1/resource.proto (stable since OTLP 1.0).

@@ -8,8 +8,9 @@ line written inside the span. `api/middleware.py` is the ASGI shell around it.
 Why compiled: with everything on, telemetry cost a cached answer ~75 µs of worker CPU on
 top of ~205 µs, and most of it was the interpreter running many small steps, each cheap
 (docs/BENCHMARKS.md). Here the same steps run as C calls. The behaviour is the one the
-tests describe; what Python code it calls (spans, metric values, the log buffer) it calls
-exactly as the middleware did.
+tests describe. Our own spans, metric sums and the log line queue are called as C
+(spans.pxd, tallies.pxd); anything else (another tracer, a NonRecordingSpan) through its
+Python API.
 
 `make install` (pip install -e .) builds it; after editing this file, run it again.
 """
@@ -86,8 +87,9 @@ cdef double _monotonic():
 
 
 cdef inline double _milliseconds(double seconds) noexcept:
-    """To two decimals, as round(seconds * 1000, 2) writes it but for exact ties (its
-    correctly rounded decimal path costs ~3,000 instructions a call)."""
+    """In ms to two decimals. round(seconds * 1000, 2) rounds the exact decimal and costs
+    ~3,000 instructions a call (docs/BENCHMARKS.md, session 11); this can differ from it by
+    0.01 where the scaled value lies within a rounding error of a half."""
     return round_half_away(seconds * 100000.0) / 100.0
 
 

@@ -361,8 +361,11 @@ cdef class SpanRows:
 
     def take(self):
         """(rows, how many were dropped) since the last take."""
-        rows, self._rows = self._rows, []
-        dropped, self.dropped = self.dropped, 0
+        cdef list fresh = []  # made first: making it may run the garbage collector
+        rows = self._rows
+        self._rows = fresh
+        cdef Py_ssize_t dropped = self.dropped
+        self.dropped = 0
         return rows, dropped
 
 

@@ -150,19 +150,23 @@ cdef class LineQueue:
     without a lock. Writing, which must keep lines in order across threads, is the
     caller's, under its own lock."""
 
-    def __init__(self, Py_ssize_t max):
+    def __cinit__(self, Py_ssize_t max):
         self._lines = []
         self.buffered = False
         self.max = max
 
     cpdef bint add(self, bytes line, bint urgent):
         """Queued; True if the queue should be written now (unbuffered, urgent, or full)."""
+        if line is None:  # it would break the write of every line queued with it
+            raise TypeError("a log line is bytes, not None")
         self._lines.append(line)
         return not self.buffered or urgent or len(self._lines) >= self.max
 
     cpdef list take(self):
         """Every line queued, in order; the queue left empty."""
-        lines, self._lines = self._lines, []
+        cdef list fresh = []  # made first: making it may run the garbage collector,
+        lines = self._lines  # which may log, and so take the queue in between
+        self._lines = fresh
         return lines
 
 
