@@ -88,7 +88,7 @@ cdef double _monotonic():
 
 cdef inline double _milliseconds(double seconds) noexcept:
     """In ms to two decimals. round(seconds * 1000, 2) rounds the exact decimal and costs
-    ~3,000 instructions a call (docs/BENCHMARKS.md, session 11); this can differ from it by
+    ~3,300 instructions a call (docs/BENCHMARKS.md, session 11); this can differ from it by
     0.01 where the scaled value lies within a rounding error of a half."""
     return round_half_away(seconds * 100000.0) / 100.0
 
