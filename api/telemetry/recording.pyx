@@ -19,7 +19,14 @@ from libc.math cimport round as round_half_away
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from api.telemetry.hexids cimport hex64, hex128
-from api.telemetry.spans cimport LeanSpan, LeanTracer, attach, detach, with_span
+from api.telemetry.spans cimport (
+    LeanSpan,
+    LeanTracer,
+    attach,
+    detach,
+    span_context_of,
+    with_span,
+)
 from api.telemetry.spancontext cimport (
     IS_VALID,
     SAMPLED,
@@ -234,8 +241,8 @@ cdef class Recorder:
             request.span_method = "HTTP" if method == "_OTHER" else method
             tracer = traces._tracer
             if type(tracer) is LeanTracer:
-                span = (<LeanTracer>tracer).start(
-                    request.span_method, parent, _SERVER, attributes, (), None, True, True
+                span = (<LeanTracer>tracer).start_span(
+                    request.span_method, parent, _SERVER, attributes
                 )
             else:
                 span = tracer.start_span(
@@ -316,10 +323,7 @@ cdef class Request:
         trace_id = None
         context = None
         if span is not None:
-            if type(span) is LeanSpan:
-                context = (<LeanSpan>span).context
-            else:
-                context = span.get_span_context()
+            context = span_context_of(span)
             if field(context, IS_VALID):
                 trace_id = hex128(field(context, TRACE_ID))
         if self.active is not None:

@@ -31,19 +31,20 @@ cdef class LeanTracer:
     cdef bint _parent_based
     cdef object _root  # a root span's fixed answer (sampled, recording), if any
     cdef object _fixed  # every span's fixed answer, if any
-    cdef object start(
+    cpdef object start_span(
         self,
         name,
-        context,
-        kind,
-        attributes,
-        links,
-        start_time,
-        bint record_exception,
-        bint set_status_on_exception,
+        context=*,
+        kind=*,
+        attributes=*,
+        links=*,
+        start_time=*,
+        bint record_exception=*,
+        bint set_status_on_exception=*,
     )
 
 
+cdef object span_context_of(object span)
 cpdef object attach(object context)
 cpdef void detach(object token)
 cpdef object with_span(object span, object context)

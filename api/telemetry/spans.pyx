@@ -441,7 +441,8 @@ cdef class LeanTracer:
             # always_on / always_off on their own: one answer for every span.
             self._root = self._fixed = _static(sampler)
 
-    def start_span(
+    # cpdef: the API's method, and a C call for the compiled request path.
+    cpdef object start_span(
         self,
         name,
         context=None,
@@ -452,29 +453,6 @@ cdef class LeanTracer:
         bint record_exception=True,
         bint set_status_on_exception=True,
     ):
-        return self.start(
-            name,
-            context,
-            kind,
-            attributes,
-            links,
-            start_time,
-            record_exception,
-            set_status_on_exception,
-        )
-
-    cdef object start(
-        self,
-        name,
-        context,
-        kind,
-        attributes,
-        links,
-        start_time,
-        bint record_exception,
-        bint set_status_on_exception,
-    ):
-        """`start_span`, as a C call for the compiled request path."""
         cdef bint sampled, recording, random_id
         parent = span_context_of(current_span(context))
         cdef long parent_flags = 0
@@ -553,7 +531,7 @@ cdef class LeanTracer:
         bint end_on_exit=True,
     ):
         cdef _Current current = _Current.__new__(_Current)
-        current.span = self.start(
+        current.span = self.start_span(
             name,
             context,
             kind,
