@@ -167,3 +167,27 @@ def test_a_forked_child_starts_with_nothing_pending() -> None:
         tallies.flush()
         assert value.value == 5
         assert histogram._sum.get() == 0.5
+
+
+def test_a_lean_spans_context_is_the_span_context_the_api_would_make() -> None:
+    """spans.pyx makes a span's SpanContext with the type's own allocator, as
+    tuple.__new__ does, without SpanContext.__new__: it must be the same object in every
+    way the API and its users can tell."""
+    import pickle
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanContext, TraceFlags
+    from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+    from api.telemetry.spans import LeanTracerProvider
+
+    provider = LeanTracerProvider(Resource({}), TracerProvider().sampler)
+    context = provider.get_tracer("t").start_span("s").get_span_context()
+    made = SpanContext(
+        context.trace_id, context.span_id, False, TraceFlags(context.trace_flags), None
+    )
+    assert type(context) is SpanContext and context == made
+    assert context.trace_state is DEFAULT_TRACE_STATE and context.is_valid
+    assert not context.is_remote and repr(context) == repr(made)
+    assert pickle.loads(pickle.dumps(context)) == made

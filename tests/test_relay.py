@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -16,10 +17,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
@@ -29,7 +31,8 @@ from opentelemetry.util.types import AnyValue
 
 from api.telemetry import relay
 from api.telemetry.otlp import BYTES_TAG
-from api.telemetry.spans import LeanSpan, LeanTracerProvider, SpanRows
+from api.telemetry.spans import LeanSpan, LeanTracerProvider
+from api.telemetry.wire import SpanRows
 from tests.otlp import OtlpReceiver, relay_frame, relayed, same
 from tests.servers import ApiServer, wait_until
 
@@ -83,43 +86,188 @@ def test_the_relay_sends_exactly_the_otlp_the_sdk_would():
 
 
 def test_a_lean_span_writes_the_row_any_span_would():
-    """Our spans build their relay row themselves (compiled, on every exported span);
-    it must be the row the relay writes for any ReadableSpan."""
+    """Our spans build their relay row themselves (the ones the worker does not write as
+    OTLP); it must be the row the relay writes for any ReadableSpan."""
     spans = [span for span in _spans(lean=True) if isinstance(span, LeanSpan)]
     assert len(spans) == 2
     for span in spans:
         assert span.events or span.links or span.parent  # the rare fields are there
         assert span.row() == relay._row(span)
     odd = spans[1]
-    # and a key that is not a str, which the queue leaves to encode_span as well
     seven: Any = 7  # the API types keys as str; a caller may still pass another
     odd.attributes = {"raw": b"\x00\xff", "huge": 2**70, "object": object(), seven: "seven"}
     expected = relay._row(odd)
     relay._drop_unwritable(expected)  # the integer OTLP cannot carry goes, alone
-    written = relay.encode_span(odd)
-    assert written == relay._dumps(expected)
-    assert orjson.loads(written)[10] == {
+    written = relay.encode_row(odd)
+    assert written == _record(b"J" + relay._dumps(expected))
+    assert orjson.loads(written[5:])[10] == {
         "raw": {BYTES_TAG: "AP8="},
         "object": None,
         "7": "seven",
     }
-    # The processor's queue writes our spans itself, the odd one through encode_span.
-    queue = SpanRows(8, 8, threading.Event(), relay.encode_span, relay.encode_resource, relay._json)
-    for span in spans:
-        queue.put(span)
-    assert queue.take() == ([relay.encode_span(span) for span in spans], 0)
-    odd.attributes = {seven: "seven"}  # alone: only the key sends it to encode_span
-    encoded: list[Any] = []
 
-    def encode(span: Any) -> bytes:
-        encoded.append(span)
-        return relay.encode_span(span)
 
-    queue = SpanRows(8, 8, threading.Event(), encode, relay.encode_resource, relay._json)
-    queue.put(spans[0])
-    queue.put(odd)
-    assert encoded == [odd]  # the ordinary span was written by the queue itself
-    assert queue.take() == ([relay.encode_span(spans[0]), relay.encode_span(odd)], 0)
+def _record(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def _lean_provider() -> tuple[LeanTracerProvider, InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    provider = LeanTracerProvider(Resource.create({"service.name": "t"}), TracerProvider().sampler)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    return provider, memory
+
+
+def _relayed(records: list[bytes], spans: list[Any]) -> ExportTraceServiceRequest:
+    frame = relay.frame(relay.encode_resource(spans[0].resource), records)
+    return ExportTraceServiceRequest.FromString(relay.to_otlp(frame[4:]))
+
+
+# Attribute values the worker writes itself: every kind, the edges of int64, text that
+# is empty, not ASCII, or longer than the writer's stack buffer.
+_VALUES: list[AnyValue] = [
+    "", "plain", "ünïcødé ✓", "x" * 5000, True, False, 0, 1, -1, 127, 128, 300,
+    2**63 - 1, -(2**63), 0.0, -0.0, 1.5, float("inf"), float("nan"),
+]  # fmt: skip
+
+
+def test_the_worker_writes_our_spans_as_the_otlp_the_sdk_would_send():
+    """api/telemetry/wire.pyx writes each of our spans as the OTLP Span message itself:
+    byte for byte what the SDK's encoder makes, for every kind, status, parent and
+    attribute value it takes on."""
+    provider, memory = _lean_provider()
+    tracers = [
+        provider.get_tracer("api", "9.9"),
+        provider.get_tracer("httpx", None, "https://opentelemetry.io/schemas/1.11.0"),
+    ]
+    remote = TraceContextTextMapPropagator().extract(
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=opaque,other=x",
+        }
+    )
+    outer = tracers[0].start_span("outer")
+    local = trace.set_span_in_context(outer)
+    statuses = [
+        None,
+        Status(StatusCode.OK),
+        Status(StatusCode.ERROR),
+        Status(StatusCode.ERROR, "✗"),
+    ]
+    pick = random.Random(12)
+    for n in range(60):
+        attributes: dict[str, AnyValue] = {
+            f"key {i}": pick.choice(_VALUES) for i in range(pick.randrange(12))
+        }
+        if n % 10 == 0:
+            attributes = {f"many {i}": i for i in range(100)}  # outgrows the stack buffer
+        span = tracers[n % 2].start_span(
+            ["", "POST /query", "généré"][n % 3],
+            [None, remote, local][n % 3],
+            list(SpanKind)[n % 5],
+            attributes,
+        )
+        status = statuses[n % 4]
+        if status is not None:
+            span.set_status(status)
+        span.end()
+    outer.end()
+    spans = list(memory.get_finished_spans())
+    records = [relay.encode_span(span) for span in spans]
+    assert {record[4:5] for record in records} == {b"P"}  # all written by the worker
+    assert same(_relayed(records, spans), encode_spans(spans))
+
+
+def test_what_the_worker_does_not_write_goes_as_a_row_and_arrives_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A span with what the worker's writer leaves out (events, links, values OTLP needs
+    more care with, or more than the limits) goes as a row, which the relay writes; the
+    processor's queue writes the others itself. Either way the collector gets what the
+    SDK's encoder makes under the same limits."""
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "5")
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "3")
+    provider, memory = _lean_provider()
+    tracer = provider.get_tracer("api")
+    seven: Any = 7
+    rows: dict[str, Any] = {
+        "an event": lambda span: span.add_event("e", {"k": "v"}),
+        "a link": lambda span: span.add_link(span.get_span_context(), {"why": "x"}),
+        "a sequence": {"tags": ("a", "b")},
+        "bytes": {"raw": b"\x00\xff"},
+        "an object": {"no str": object()},
+        "a key that is not a str": {seven: "seven"},
+        "an integer beyond int64": {"big": 2**63},
+        "text that is not unicode": {"bad": "caf\udce9"},
+        "a key that is not unicode": {"caf\udce9": 1},
+        "more attributes than the limit": {"a": 1, "b": 2, "c": 3, "d": 4},
+        "a value longer than the limit": {"long": "abcdef"},
+    }
+    for name, detail in rows.items():
+        span = tracer.start_span(name, attributes=None if callable(detail) else detail)
+        if callable(detail):
+            detail(span)
+        span.end()
+    tracer.start_span("within the limits", attributes={"a": "abcde", "b": 2, "c": None}).end()
+    spans = list(memory.get_finished_spans())
+    records = [relay.encode_span(span) for span in spans]
+    assert [record[4:5] for record in records] == [b"J"] * len(rows) + [b"P"]
+    assert records[:-1] == [relay.encode_row(span) for span in spans[:-1]]
+    sent = {
+        span.name: span for span in _relayed(records, spans).resource_spans[0].scope_spans[0].spans
+    }
+    assert len(sent) == len(spans)
+    over = sent["more attributes than the limit"]
+    assert [a.key for a in over.attributes] == [
+        "b",
+        "c",
+        "d",
+    ] and over.dropped_attributes_count == 1
+    assert sent["a value longer than the limit"].attributes[0].value.string_value == "abcde"
+    for name in (
+        "an integer beyond int64",
+        "text that is not unicode",
+        "a key that is not unicode",
+    ):
+        assert not sent[name].attributes  # the key lost, not the span
+    # The SDK's encoder applies no limits (its spans do, as they are made) and logs an
+    # error for each odd value: compared where neither matters.
+    plain = ("an event", "a link", "a sequence", "bytes", "within the limits")
+    kept = [span for span in spans if span.name in plain]
+    assert same(_relayed([relay.encode_span(span) for span in kept], kept), encode_spans(kept))
+
+    # The processor's queue: the same records, the rows through encode_row alone.
+    through_rows: list[Any] = []
+
+    def encode_row(span: Any) -> bytes:
+        through_rows.append(span)
+        return relay.encode_row(span)
+
+    queue = SpanRows(
+        64,
+        64,
+        threading.Event(),
+        encode_row,
+        relay.encode_resource,
+        relay.encode_scope,
+        SpanLimits(),
+    )
+    for finished in spans:
+        queue.put(finished)
+    assert queue.take() == (records, 0)
+    assert through_rows == spans[:-1]
+
+
+def test_a_frame_that_is_cut_short_or_unknown_is_refused():
+    spans = list(_spans(lean=True))
+    records = [relay.encode_span(span) for span in spans]
+    whole = relay.frame(relay.encode_resource(spans[0].resource), records)[4:]
+    assert relay.to_otlp(whole)
+    with pytest.raises(ValueError, match="runs past"):
+        relay.to_otlp(whole[:-1])
+    unknown = whole[: -len(records[-1])] + records[-1][:4] + b"X" + records[-1][5:]
+    with pytest.raises(ValueError, match="unknown span record 0x58"):
+        relay.to_otlp(unknown)
 
 
 def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(
@@ -159,10 +307,9 @@ def test_a_frame_the_relay_cannot_write_costs_that_frame_only(monkeypatch: pytes
     process = relay.Relay()
     spans = _spans()
     good = relay_frame(spans)
-    row_start = str(spans[0].start_time).encode()
-    bad = good.replace(row_start, row_start + b".5", 1)
-    assert bad != good
-    bad = len(bad[4:]).to_bytes(4, "big") + bad[4:]
+    row = relay._row(spans[0])
+    row[8] += 0.5  # the start time
+    bad = relay.frame(relay.encode_resource(spans[0].resource), [_record(b"J" + relay._dumps(row))])
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(process.path)

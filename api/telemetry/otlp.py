@@ -164,8 +164,8 @@ def _link(row: list[Any], limits: SpanLimits) -> bytes:
     )
 
 
-def _span(row: list[Any], limits: SpanLimits) -> tuple[bytes, tuple[Any, ...]]:
-    """One Span message, and the key of the instrumentation scope it belongs to."""
+def _span(row: list[Any], limits: SpanLimits) -> bytes:
+    """One Span message from a relay row."""
     (
         name,
         trace_id,
@@ -182,10 +182,7 @@ def _span(row: list[Any], limits: SpanLimits) -> tuple[bytes, tuple[Any, ...]]:
         status_description,
         events,
         links,
-        scope_name,
-        scope_version,
-        scope_schema_url,
-        scope_attributes,
+        *_scope,
     ) = row
     encoded, dropped = _attributes(
         b"\x4a", attributes, limits.max_span_attributes, limits.max_span_attribute_length
@@ -219,8 +216,18 @@ def _span(row: list[Any], limits: SpanLimits) -> tuple[bytes, tuple[Any, ...]]:
         b"\x85\x01",  # field 16, fixed32
         _fixed32(_HAS_REMOTE | (_IS_REMOTE if parent_remote else 0)),
     ]
-    scope = (scope_name, scope_version, scope_schema_url, _frozen(scope_attributes))
-    return b"".join(parts), scope
+    return b"".join(parts)
+
+
+class Written:
+    """A span the worker wrote as an OTLP Span message itself (api/telemetry/wire.pyx),
+    and its instrumentation scope's row: [name, version, schema_url, attributes]."""
+
+    __slots__ = ("scope", "span")
+
+    def __init__(self, scope: list[Any], span: bytes) -> None:
+        self.scope = scope
+        self.span = span
 
 
 def _frozen(attributes: dict[str, Any]) -> Any:
@@ -229,14 +236,20 @@ def _frozen(attributes: dict[str, Any]) -> Any:
 
 def encode_request(message: dict[str, Any], limits: SpanLimits | None = None) -> bytes:
     """A relay frame (decoded) as the serialised ExportTraceServiceRequest the SDK's
-    exporter would send for its spans. Attribute, event and link limits
-    (OTEL_SPAN_*_LIMIT, OTEL_ATTRIBUTE_*) are applied here, off the request path."""
+    exporter would send for its spans: rows, written here, and spans the worker wrote
+    (`Written`), grouped by scope in the order they came. Attribute, event and link
+    limits (OTEL_SPAN_*_LIMIT, OTEL_ATTRIBUTE_*) are applied to rows here, off the request
+    path; the worker writes no span those limits would change."""
     limits = limits or SpanLimits()
     scopes: dict[tuple[Any, ...], tuple[bytes, str, list[bytes]]] = {}
-    for row in message["spans"]:
-        span, key = _span(row, limits)
+    for item in message["spans"]:
+        if type(item) is Written:
+            span, scope_row = item.span, item.scope
+        else:
+            span, scope_row = _span(item, limits), item[15:19]
+        scope_name, scope_version, scope_schema_url, scope_attributes = scope_row
+        key = (scope_name, scope_version, scope_schema_url, _frozen(scope_attributes))
         if key not in scopes:
-            scope_name, scope_version, scope_schema_url, scope_attributes = row[15:19]
             scope = (
                 _text(b"\x0a", scope_name)
                 + (_text(b"\x12", scope_version) if scope_version else b"")

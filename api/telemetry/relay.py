@@ -1,29 +1,40 @@
-"""The span relay: OTLP encoding and export in a process of its own, beside the workers.
+"""The span relay: OTLP export in a process of its own, beside the workers.
 
-Encoding spans as OTLP protobuf costs about 26 µs per span, on the worker's GIL, on a
-thread that competes with requests: on the cached /query path that alone took 8% of
-throughput (docs/BENCHMARKS.md). So a worker's `RelaySpanProcessor` writes each span
-compactly as it ends (orjson, about 2 µs a span) and sends batches of them to a Unix
-socket; the relay process, started by the gunicorn master, writes the very OTLP request
-the SDK's exporter would have built for those spans (api/telemetry/otlp.py, tested
-against the SDK's encoder) and posts it with that exporter's HTTP client, configured by
-the standard OTEL_EXPORTER_OTLP_* variables. It is the agent pattern of an OpenTelemetry
-Collector, one hop earlier.
+Encoding spans as OTLP protobuf with the SDK costs about 26 µs per span, on the worker's
+GIL, on a thread that competes with requests: on the cached /query path that alone took
+8% of throughput (docs/BENCHMARKS.md). So a worker's `RelaySpanProcessor` writes each
+span as it ends, compactly, and sends batches of them to a Unix socket; the relay
+process, started by the gunicorn master, puts them into the very OTLP request the SDK's
+exporter would have built for those spans (api/telemetry/otlp.py, tested against the
+SDK's encoder) and posts it with that exporter's HTTP client, configured by the standard
+OTEL_EXPORTER_OTLP_* variables. It is the agent pattern of an OpenTelemetry Collector,
+one hop earlier.
 
-The relay shares the machine's cores with the workers, so its cost is the service's
-cost too: writing the request's bytes straight from the rows takes ~7 µs a span, where
-building protobuf message objects took ~18 and rebuilding SDK spans first took 40.
+How a span is written (api/telemetry/wire.pyx): our own spans, the common case, as the
+OTLP Span message itself, in C (~1,500 instructions); the rest (events, links, values
+out of the ordinary, spans over the limits, another tracer's spans) as a JSON row, which
+the relay writes as OTLP (~6 µs a span). The relay shares the machine's cores with the
+workers, so its cost is the service's cost too.
 
 Back-pressure stays where the SDK puts it: if the relay is slow, the worker's queue fills
 and drops spans instead of slowing requests. The relay reads every frame as it comes and
 queues it for one exporter thread; if the collector is slow or away, that queue stops at
 SPAN_RELAY_MAX_QUEUED_BYTES (64 MiB) and the newest frames are dropped.
 
-Frame on the socket: 4-byte big-endian length, then JSON
-`{"resource": {...}, "resource_schema_url": "", "spans": [[name, trace_id, span_id, flags,
-trace_state, parent_id, parent_remote, kind, start, end, attributes, status_code,
-status_description, events, links, scope_name, scope_version, scope_schema_url,
-scope_attributes], ...]}` with ids as hex and bytes values tagged.
+A frame on the socket, all lengths 4-byte big-endian:
+
+    length, head length, head: JSON {"resource": {...}, "resource_schema_url": ""}
+    then records, each: length, then
+      "P", scope length, scope: JSON [name, version, schema_url, attributes],
+           an OTLP Span message
+    or
+      "J", a JSON row: [name, trace_id, span_id, flags, trace_state, parent_id,
+           parent_remote, kind, start, end, attributes, status_code, status_description,
+           events, links, scope_name, scope_version, scope_schema_url, scope_attributes]
+           with ids as hex and bytes values tagged.
+
+The workers and the relay are one installation, started together: the format needs no
+version of its own.
 """
 
 from __future__ import annotations
@@ -59,11 +70,13 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.trace import SpanContext
 
 from api import processes
-from api.telemetry.otlp import BYTES_TAG, encode_request
-from api.telemetry.spans import LeanSpan, SpanRows, plain
+from api.telemetry.otlp import BYTES_TAG, Written, encode_request
+from api.telemetry.spans import LeanSpan, plain
+from api.telemetry.wire import SpanRows, span_record
 
 SOCKET_ENV = "SPAN_RELAY_SOCKET"
 _HEADER = struct.Struct(">I")
+_WRITTEN, _ROW = b"P"[0], b"J"[0]  # a span record's kinds
 _MAX_FRAME = 64 * 1024 * 1024
 
 
@@ -84,23 +97,42 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-def encode_span(span: ReadableSpan | LeanSpan) -> bytes:
-    """One span's row, as JSON: done as the span ends, so what waits for the relay is
+def encode_span(span: ReadableSpan | LeanSpan, limits: SpanLimits | None = None) -> bytes:
+    """A span's record, as a worker's span processor queues it: written as OTLP in the
+    worker where api/telemetry/wire.pyx can (the processor's queue calls it there
+    directly), its row otherwise. `limits`: the relay's, read from the environment if
+    not given."""
+    if isinstance(span, LeanSpan):
+        scope = encode_scope(_scope_row(span.instrumentation_scope))
+        written = span_record(span, scope, limits or SpanLimits())
+        if written is not None:
+            return written
+    return encode_row(span)
+
+
+def encode_row(span: ReadableSpan | LeanSpan) -> bytes:
+    """A span's row record, as JSON: done as the span ends, so what waits for the relay is
     bytes, which the garbage collector never walks (a queue of live spans cost a busy
     worker ~6 µs a request in collections, docs/BENCHMARKS.md)."""
     row = span.row() if isinstance(span, LeanSpan) else _row(span)
     try:
-        return _dumps(row)
+        data = _dumps(row)
     except TypeError:  # an integer beyond 64 bits or a lone surrogate: OTLP cannot carry
         _drop_unwritable(row)  # either, and the SDK's encoder loses its whole batch
-        return _dumps(row)
+        data = _dumps(row)
+    return _HEADER.pack(len(data) + 1) + b"J" + data
+
+
+def _scope_row(scope: Any) -> list[Any]:
+    if scope is None:
+        return ["", None, "", {}]
+    return [scope.name, scope.version, scope.schema_url, plain(scope.attributes)]
 
 
 def _row(span: ReadableSpan | LeanSpan) -> list[Any]:
     ctx = span.context
     assert ctx is not None
     parent = span.parent
-    scope = span.instrumentation_scope
     status = span.status
     return [
         span.name,
@@ -123,10 +155,7 @@ def _row(span: ReadableSpan | LeanSpan) -> list[Any]:
         ]
         if span.links
         else [],
-        scope.name if scope else "",
-        scope.version if scope else None,
-        scope.schema_url if scope else "",
-        plain(scope.attributes) if scope else {},
+        *_scope_row(span.instrumentation_scope),
     ]
 
 
@@ -134,11 +163,19 @@ def encode_resource(resource: SdkResource | None) -> bytes:
     """The frame's head: the resource the spans share (one per provider)."""
     attributes = _dumps(_fits_only(dict(resource.attributes) if resource else {}))
     schema_url = _dumps(resource.schema_url if resource else "")
-    return b'{"resource":' + attributes + b',"resource_schema_url":' + schema_url
+    head = b'{"resource":' + attributes + b',"resource_schema_url":' + schema_url + b"}"
+    return _HEADER.pack(len(head)) + head
 
 
-def frame(resource: bytes, rows: Sequence[bytes]) -> bytes:
-    payload = resource + b',"spans":[' + b",".join(rows) + b"]}"
+def encode_scope(scope_row: Sequence[Any]) -> bytes:
+    """A scope's row, as the JSON a worker-written span's record carries (once per tracer).
+    Its attributes are cut to what OTLP can carry, as a row's would be."""
+    name, version, schema_url, attributes = scope_row
+    return _dumps([name, version, schema_url, _fits_only(plain(attributes))])
+
+
+def frame(resource: bytes, records: Sequence[bytes]) -> bytes:
+    payload = resource + b"".join(records)
     return _HEADER.pack(len(payload)) + payload
 
 
@@ -162,12 +199,13 @@ def _fits(value: Any) -> bool:
 
 
 def _fits_only(attributes: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in attributes.items() if _fits(v)}
+    return {k: v for k, v in attributes.items() if _fits(k) and _fits(v)}
 
 
 def _drop_unwritable(row: list[Any]) -> None:
     """Drop the attributes holding an integer beyond 64 bits (the SDK's encoder loses such
-    a key alone) or a string that is not valid Unicode: the key, rather than the span."""
+    a key alone) or a string, or a key, that is not valid Unicode: the key, rather than
+    the span."""
     row[10] = _fits_only(row[10])
     for event in row[13]:
         event[2] = _fits_only(event[2])
@@ -205,7 +243,13 @@ class RelaySpanProcessor(SpanProcessor):
         self._send_lock = threading.Lock()  # the socket, and the order of frames
         self._wake = threading.Event()
         self._queue = SpanRows(
-            self._max_queue, self._batch, self._wake, encode_span, encode_resource, _json
+            self._max_queue,
+            self._batch,
+            self._wake,
+            encode_row,
+            encode_resource,
+            encode_scope,
+            SpanLimits(),  # the relay's: the same environment
         )
         self._queue.stopped = self._stopped  # a child forked after shutdown queues nothing
         # The compiled queue's put itself: no Python frame per span.
@@ -309,8 +353,33 @@ def _setting(name: str, default: int) -> int:
 # --- the relay's side
 def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> bytes:
     """A frame's spans as the serialised OTLP request the SDK's exporter would have sent
-    for them (api/telemetry/otlp.py)."""
-    return encode_request(orjson.loads(payload), limits)
+    for them (api/telemetry/otlp.py). A frame that is cut short or holds a record of an
+    unknown kind raises (the relay drops that frame alone)."""
+    view = memoryview(payload)
+    (size,) = _HEADER.unpack_from(payload)
+    at = _HEADER.size + size
+    message = orjson.loads(view[_HEADER.size : at])
+    spans: list[Any] = []
+    scopes: dict[bytes, list[Any]] = {}  # each scope's JSON, read once a frame
+    while at < len(payload):
+        (size,) = _HEADER.unpack_from(payload, at)
+        start, at = at + _HEADER.size, at + _HEADER.size + size
+        if at > len(payload) or size < 1:
+            raise ValueError("a span record runs past the end of its frame")
+        kind = payload[start]
+        if kind == _WRITTEN:
+            (scope_size,) = _HEADER.unpack_from(payload, start + 1)
+            scope_at = start + 1 + _HEADER.size
+            scope = payload[scope_at : scope_at + scope_size]
+            if scope not in scopes:
+                scopes[scope] = orjson.loads(scope)
+            spans.append(Written(scopes[scope], payload[scope_at + scope_size : at]))
+        elif kind == _ROW:
+            spans.append(orjson.loads(view[start + 1 : at]))
+        else:
+            raise ValueError(f"unknown span record {kind:#x}")
+    message["spans"] = spans
+    return encode_request(message, limits)
 
 
 class OtlpSender:

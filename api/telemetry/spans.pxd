@@ -19,7 +19,6 @@ cdef class LeanSpan:
     cdef bint _record_exception
     cdef bint _set_status_on_exception
     cdef void _end(self, object end_time) except *
-    cdef list _row(self)
 
 
 cdef class LeanTracer:

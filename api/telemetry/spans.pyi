@@ -1,5 +1,5 @@
 # The interface of spans.pyx (compiled), for type checkers.
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextvars import Token
 from types import TracebackType
 from typing import Any
@@ -20,6 +20,8 @@ def detach(token: Token[Context]) -> None: ...
 def with_span(span: trace.Span, context: Context | None) -> Context: ...
 def current_span(context: Context | None) -> trace.Span: ...
 def plain(attributes: Any) -> dict[str, Any]: ...
+
+UNSET_STATUS: Status
 
 class LeanSpan(trace.Span):
     name: str
@@ -67,22 +69,6 @@ class LeanSpan(trace.Span):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None: ...
-
-class SpanRows:
-    dropped: int
-    stopped: bool
-    resource: bytes | None
-    def __init__(
-        self,
-        max_queue: int,
-        batch: int,
-        wake: Any,
-        encode: Callable[[Any], bytes],
-        encode_resource: Callable[[Any], bytes],
-        default: Callable[[Any], Any],
-    ) -> None: ...
-    def put(self, span: Any) -> None: ...
-    def take(self) -> tuple[list[bytes], int]: ...
 
 class _Current:
     def __enter__(self) -> trace.Span: ...

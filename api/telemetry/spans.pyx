@@ -34,6 +34,11 @@ extension types, registered as the API's `Span` and `Tracer` (the API checks
 when the runtime context is the default one, as OpenTelemetry's own would.
 """
 
+from cpython.dict cimport PyDict_Copy, PyDict_SetItem
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_SET_ITEM
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
 from api.telemetry.hexids cimport hex64, hex128
 from api.telemetry.spancontext cimport (
     IS_REMOTE,
@@ -47,11 +52,20 @@ from api.telemetry.spancontext cimport (
     field,
 )
 
+
+cdef extern from *:
+    """
+    /* An empty instance of a tuple subclass with `size` slots, from its own allocator:
+       what tuple.__new__(cls, items) makes before it copies the items in. */
+    static PyObject* new_instance(PyObject* type, Py_ssize_t size) {
+        return ((PyTypeObject*)type)->tp_alloc((PyTypeObject*)type, size);
+    }
+    """
+    object new_instance(object type, Py_ssize_t size)
+
+
 import atexit
 import random
-
-import orjson
-import time
 import traceback
 
 from opentelemetry import context as context_api
@@ -69,13 +83,12 @@ from opentelemetry.trace.status import Status, StatusCode
 # The flags a new span gets, as the SDK sets them, by their bits: index SAMPLED |
 # RANDOM_TRACE_ID (a tuple's item: no key to build per span).
 cdef tuple _FLAGS = tuple(TraceFlags(bits) for bits in range(4))
-_UNSET = Status(StatusCode.UNSET)
+# A new span's status; api/telemetry/wire.pyx knows it by identity.
+UNSET_STATUS = Status(StatusCode.UNSET)
 _OK = StatusCode.OK
 _INTERNAL = SpanKind.INTERNAL
 _getrandbits = random.getrandbits  # reseeded in every forked worker by the random module
-_now = time.time_ns
-_new_tuple = tuple.__new__
-_dumps = orjson.dumps
+_Context = context_api.Context
 # The default runtime context keeps the current Context in one ContextVar; read and set
 # it directly (what its get_current/attach do). Another runtime (OTEL_PYTHON_CONTEXT)
 # goes through the API.
@@ -112,11 +125,20 @@ cpdef void detach(object token):
     context_api.detach(token)
 
 
+cdef object _now():
+    """time.time_ns() (the same clock), without a Python call: two a span."""
+    cdef timespec now
+    clock_gettime(CLOCK_REALTIME, &now)
+    return <long long>now.tv_sec * 1000000000 + now.tv_nsec
+
+
 cpdef object with_span(object span, object context):
-    """`trace.set_span_in_context(span, context)`."""
-    values = dict(current_context() if context is None else context)
-    values[_SPAN_KEY] = span
-    return context_api.Context(values)
+    """`trace.set_span_in_context(span, context)`: a copy of the context with the span
+    set in it before anyone else holds it (a Context refuses item assignment in Python;
+    the C call sets it as the API's copy-then-wrap would, with one copy less)."""
+    values = _Context(current_context() if context is None else context)
+    PyDict_SetItem(values, _SPAN_KEY, span)
+    return values
 
 
 cpdef object current_span(object context):
@@ -141,11 +163,22 @@ cdef object span_context_of(object span):
 
 
 cdef object _span_context(object trace_id, object span_id, object flags, object state):
-    # SpanContext's own __new__ checks what is known here: both ids are in range.
-    return _new_tuple(
-        SpanContext,
-        (trace_id, span_id, False, flags, DEFAULT_TRACE_STATE if state is None else state, True),
-    )
+    """SpanContext(trace_id, span_id, False, flags, state, True), made as tuple.__new__
+    makes a tuple subclass's instance, without the Python call and the argument tuple it
+    copies (SpanContext's own __new__ checks what is known here: both ids are in range)."""
+    span_context = new_instance(SpanContext, 6)
+    _put(span_context, TRACE_ID, trace_id)
+    _put(span_context, SPAN_ID, span_id)
+    _put(span_context, IS_REMOTE, False)
+    _put(span_context, TRACE_FLAGS, flags)
+    _put(span_context, TRACE_STATE, DEFAULT_TRACE_STATE if state is None else state)
+    _put(span_context, IS_VALID, True)
+    return span_context
+
+
+cdef inline void _put(object items, Py_ssize_t index, object value):
+    Py_INCREF(value)  # the slot takes a reference of its own
+    PyTuple_SET_ITEM(items, index, value)
 
 
 cdef class LeanSpan:
@@ -189,13 +222,23 @@ cdef class LeanSpan:
         if self.end_time is None:
             self.attributes.update(attributes)
 
+    # A span's events and links are the shared empty tuple until it has one (most never
+    # do): two lists less to make and free a span.
     def add_event(self, name, attributes=None, timestamp=None):
         if self.end_time is None:  # copied: the caller may reuse its dict
-            self.events.append(Event(name, dict(attributes or {}), timestamp or _now()))
+            event = Event(name, dict(attributes or {}), timestamp or _now())
+            if self.events:
+                self.events.append(event)
+            else:
+                self.events = [event]
 
     def add_link(self, context, attributes=None):
         if self.end_time is None and _valid_link(context, attributes):
-            self.links.append(Link(context, dict(attributes or {})))
+            link = Link(context, dict(attributes or {}))
+            if self.links:
+                self.links.append(link)
+            else:
+                self.links = [link]
 
     def update_name(self, name):
         if self.end_time is None:
@@ -236,11 +279,8 @@ cdef class LeanSpan:
 
     def row(self):
         """The span relay's row for this ended span (api/telemetry/relay.py): what
-        `relay.encode_span` builds from any ReadableSpan, built here from the fields
-        directly, as every span a worker exports goes through it."""
-        return self._row()
-
-    cdef list _row(self):
+        `relay.encode_row` builds from any ReadableSpan, built here from the fields
+        directly. Only a span api/telemetry/wire.pyx leaves to the relay comes here."""
         ctx = self.context
         parent = self.parent
         state = field(ctx, TRACE_STATE)
@@ -294,79 +334,6 @@ cpdef object plain(object attributes):
     """A dict as it is (an ended span's attributes no longer change); the SDK's bounded
     mappings copied into one."""
     return attributes if type(attributes) is dict else dict(attributes or {})
-
-
-cdef class SpanRows:
-    """The span relay processor's queue (api/telemetry/relay.py): each span encoded as it
-    ends, kept as bytes until the sender thread takes them. `put` runs under the GIL and
-    calls no Python code between reading the queue and changing it, so the sender's
-    `take` needs no lock."""
-
-    cdef list _rows
-    cdef Py_ssize_t _max
-    cdef Py_ssize_t _batch
-    cdef object _wake
-    cdef object _encode
-    cdef object _encode_resource
-    cdef object _default
-    cdef public Py_ssize_t dropped
-    cdef public bint stopped
-    cdef public bytes resource
-
-    def __init__(
-        self, Py_ssize_t max_queue, Py_ssize_t batch, wake, encode, encode_resource, default
-    ):
-        """`encode`: any span's row as bytes; `encode_resource`: the resource's, once;
-        `default`: what orjson calls for values it cannot write itself, which is how
-        `encode` writes our spans' rows when nothing is out of the ordinary. `wake` is
-        set when a batch is full."""
-        self._rows = []
-        self._max = max_queue
-        self._batch = batch
-        self._wake = wake
-        self._encode = encode
-        self._encode_resource = encode_resource
-        self._default = default
-        self.dropped = 0
-        self.stopped = False
-        self.resource = None
-
-    def put(self, span):
-        """A span ended (the processor's on_end): encoded and queued, or dropped if the
-        queue is full or the span cannot be written; never raised."""
-        context = span.context
-        if self.stopped or not context or not (field(context, TRACE_FLAGS) & SAMPLED):
-            return
-        try:
-            if self.resource is None:
-                self.resource = self._encode_resource(span.resource)
-            row = None
-            if type(span) is LeanSpan:
-                # Without `encode`'s OPT_NON_STR_KEYS (a third of orjson's time here): an
-                # attribute key that is not a str raises, and `encode` writes it.
-                try:
-                    row = _dumps((<LeanSpan>span)._row(), self._default)
-                except TypeError:  # what OTLP cannot carry: `encode` drops just that
-                    pass
-            if row is None:
-                row = self._encode(span)
-        except Exception:
-            row = None
-        if row is None or len(self._rows) >= self._max:
-            self.dropped += 1
-            return
-        self._rows.append(row)
-        if len(self._rows) >= self._batch and not self._wake.is_set():
-            self._wake.set()
-
-    def take(self):
-        """(rows, how many were dropped) since the last take."""
-        cdef list fresh = []  # made first: making it may run the garbage collector
-        rows = self._rows
-        self._rows = fresh
-        cdef Py_ssize_t dropped = self.dropped
-        self.dropped = 0
-        return rows, dropped
 
 
 cdef bint _valid_link(object context, object attributes):
@@ -464,7 +431,12 @@ cdef class LeanTracer:
             parent = None
             trace_id = _getrandbits(128) or 1
             random_id = True
-        span_attributes = dict(attributes) if attributes else {}
+        if not attributes:
+            span_attributes = {}
+        elif type(attributes) is dict:
+            span_attributes = PyDict_Copy(attributes)
+        else:
+            span_attributes = dict(attributes)
         if parent is not None and not field(parent, IS_REMOTE) and self._parent_based:
             # What the parent-based sampler answers under a local parent, without the call.
             sampled = recording = parent_flags & SAMPLED
@@ -506,11 +478,12 @@ cdef class LeanTracer:
         span.parent = parent
         span.kind = kind
         span.attributes = span_attributes
-        span.links = (
-            [link for link in links if _valid_link(link.context, link.attributes)] if links else []
-        )
-        span.events = []
-        span.status = _UNSET
+        span.links = span.events = ()
+        if links:
+            valid = [link for link in links if _valid_link(link.context, link.attributes)]
+            if valid:
+                span.links = valid
+        span.status = UNSET_STATUS
         span.start_time = start_time or _now()
         span.end_time = None
         span._record_exception = record_exception
