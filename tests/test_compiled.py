@@ -173,6 +173,7 @@ def test_a_lean_spans_context_is_the_span_context_the_api_would_make() -> None:
     """spans.pyx makes a span's SpanContext with the type's own allocator, as
     tuple.__new__ does, without SpanContext.__new__: it must be the same object in every
     way the API and its users can tell."""
+    import gc
     import pickle
 
     from opentelemetry.sdk.resources import Resource
@@ -188,6 +189,7 @@ def test_a_lean_spans_context_is_the_span_context_the_api_would_make() -> None:
         context.trace_id, context.span_id, False, TraceFlags(context.trace_flags), None
     )
     assert type(context) is SpanContext and context == made
+    assert gc.is_tracked(context) == gc.is_tracked(made)  # a container, as tuple.__new__ makes
     assert context.trace_state is DEFAULT_TRACE_STATE and context.is_valid
     assert not context.is_remote and repr(context) == repr(made)
     assert pickle.loads(pickle.dumps(context)) == made

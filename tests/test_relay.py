@@ -4,6 +4,7 @@ of it must be, byte for byte, the OTLP the worker would have sent itself."""
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -29,7 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AnyValue
 
-from api.telemetry import relay
+from api.telemetry import otlp, relay
 from api.telemetry.otlp import BYTES_TAG
 from api.telemetry.spans import LeanSpan, LeanTracerProvider
 from api.telemetry.wire import SpanRows
@@ -125,16 +126,29 @@ def _relayed(records: list[bytes], spans: list[Any]) -> ExportTraceServiceReques
 
 # Attribute values the worker writes itself: every kind, the edges of int64, text that
 # is empty, not ASCII, or longer than the writer's stack buffer.
-_VALUES: list[AnyValue] = [
+class _Real(float):
+    pass  # numpy's floats are float subclasses
+
+
+class _Size(enum.IntEnum):
+    BIG = 7
+
+
+class _Color(enum.StrEnum):
+    RED = "red"
+
+
+_VALUES: list[Any] = [
     "", "plain", "ünïcødé ✓", "x" * 5000, True, False, 0, 1, -1, 127, 128, 300,
-    2**63 - 1, -(2**63), 0.0, -0.0, 1.5, float("inf"), float("nan"),
+    2**63 - 1, -(2**63), 0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan"),
+    _Real(2.5), _Size.BIG, _Color.RED,
 ]  # fmt: skip
 
 
 def test_the_worker_writes_our_spans_as_the_otlp_the_sdk_would_send():
     """api/telemetry/wire.pyx writes each of our spans as the OTLP Span message itself:
-    byte for byte what the SDK's encoder makes, for every kind, status, parent and
-    attribute value it takes on."""
+    byte for byte what the relay writes from the span's row, and the message the SDK's
+    encoder makes, for every kind, status, parent and attribute value it takes on."""
     provider, memory = _lean_provider()
     tracers = [
         provider.get_tracer("api", "9.9"),
@@ -175,6 +189,10 @@ def test_the_worker_writes_our_spans_as_the_otlp_the_sdk_would_send():
     spans = list(memory.get_finished_spans())
     records = [relay.encode_span(span) for span in spans]
     assert {record[4:5] for record in records} == {b"P"}  # all written by the worker
+    for finished, record in zip(spans, records, strict=True):
+        scope_size = int.from_bytes(record[5:9], "big")
+        row = orjson.loads(relay.encode_row(finished)[5:])
+        assert record[9 + scope_size :] == otlp._span(row, SpanLimits()), finished.attributes
     assert same(_relayed(records, spans), encode_spans(spans))
 
 
@@ -268,6 +286,16 @@ def test_a_frame_that_is_cut_short_or_unknown_is_refused():
     unknown = whole[: -len(records[-1])] + records[-1][:4] + b"X" + records[-1][5:]
     with pytest.raises(ValueError, match="unknown span record 0x58"):
         relay.to_otlp(unknown)
+    provider, memory = _lean_provider()
+    provider.get_tracer("api").start_span("plain").end()
+    (plain,) = memory.get_finished_spans()
+    written = relay.encode_span(plain)
+    assert written[4:5] == b"P"
+    scope_size = int.from_bytes(written[5:9], "big")
+    too_long = written[:5] + (scope_size + len(written)).to_bytes(4, "big") + written[9:]
+    head = relay.encode_resource(spans[0].resource)
+    with pytest.raises(ValueError, match="scope runs past"):
+        relay.to_otlp(relay.frame(head, [too_long, *records])[4:])
 
 
 def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(

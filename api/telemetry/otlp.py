@@ -25,6 +25,8 @@ from typing import Any
 from opentelemetry.sdk.trace import SpanLimits
 
 BYTES_TAG = "\x00bytes"  # how a bytes value travels in a relay row (JSON has none)
+# How a float JSON cannot carry (NaN, an infinity) travels: its 64 bits, as an int.
+FLOAT_TAG = "\x00float"
 # OTLP span flags: whether the parent is known to be remote, and if it is.
 _HAS_REMOTE, _IS_REMOTE = 0x100, 0x200
 _INT64 = (-(2**63), 2**63)
@@ -81,6 +83,8 @@ def _value(value: Any, length: int | None) -> bytes:
     if isinstance(value, dict):
         if list(value) == [BYTES_TAG]:
             return _field(b"\x3a", base64.b64decode(value[BYTES_TAG]))
+        if list(value) == [FLOAT_TAG]:
+            return b"\x21" + _fixed64(value[FLOAT_TAG])
         return _field(b"\x32", b"".join(_field(b"\x0a", kv) for kv in _key_values(value, length)))
     return _text(b"\x0a", str(value))
 

@@ -43,6 +43,7 @@ import base64
 import collections
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -70,12 +71,13 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.trace import SpanContext
 
 from api import processes
-from api.telemetry.otlp import BYTES_TAG, Written, encode_request
+from api.telemetry.otlp import BYTES_TAG, FLOAT_TAG, Written, encode_request
 from api.telemetry.spans import LeanSpan, plain
 from api.telemetry.wire import SpanRows, span_record
 
 SOCKET_ENV = "SPAN_RELAY_SOCKET"
 _HEADER = struct.Struct(">I")
+_DOUBLE, _DOUBLE_BITS = struct.Struct("<d"), struct.Struct("<Q")
 _WRITTEN, _ROW = b"P"[0], b"J"[0]  # a span record's kinds
 _MAX_FRAME = 64 * 1024 * 1024
 
@@ -115,6 +117,11 @@ def encode_row(span: ReadableSpan | LeanSpan) -> bytes:
     bytes, which the garbage collector never walks (a queue of live spans cost a busy
     worker ~6 µs a request in collections, docs/BENCHMARKS.md)."""
     row = span.row() if isinstance(span, LeanSpan) else _row(span)
+    row[10] = _exact_floats(row[10])
+    for event in row[13]:
+        event[2] = _exact_floats(event[2])
+    for link in row[14]:
+        link[3] = _exact_floats(link[3])
     try:
         data = _dumps(row)
     except TypeError:  # an integer beyond 64 bits or a lone surrogate: OTLP cannot carry
@@ -161,7 +168,7 @@ def _row(span: ReadableSpan | LeanSpan) -> list[Any]:
 
 def encode_resource(resource: SdkResource | None) -> bytes:
     """The frame's head: the resource the spans share (one per provider)."""
-    attributes = _dumps(_fits_only(dict(resource.attributes) if resource else {}))
+    attributes = _dumps(_exact_floats(_fits_only(dict(resource.attributes) if resource else {})))
     schema_url = _dumps(resource.schema_url if resource else "")
     head = b'{"resource":' + attributes + b',"resource_schema_url":' + schema_url + b"}"
     return _HEADER.pack(len(head)) + head
@@ -171,12 +178,33 @@ def encode_scope(scope_row: Sequence[Any]) -> bytes:
     """A scope's row, as the JSON a worker-written span's record carries (once per tracer).
     Its attributes are cut to what OTLP can carry, as a row's would be."""
     name, version, schema_url, attributes = scope_row
-    return _dumps([name, version, schema_url, _fits_only(plain(attributes))])
+    return _dumps([name, version, schema_url, _exact_floats(_fits_only(plain(attributes)))])
 
 
 def frame(resource: bytes, records: Sequence[bytes]) -> bytes:
     payload = resource + b"".join(records)
     return _HEADER.pack(len(payload)) + payload
+
+
+def _exact_float(value: Any) -> Any:
+    """A float as the row must carry it to arrive as the double the SDK's encoder (and
+    wire.pyx) writes: orjson writes NaN and infinities as null, and a float subclass
+    (numpy's) through `default`, as text."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return float(value)
+        return {FLOAT_TAG: _DOUBLE_BITS.unpack(_DOUBLE.pack(value))[0]}
+    if isinstance(value, list | tuple):
+        return [_exact_float(item) for item in value]
+    return value
+
+
+def _exact_floats(attributes: Any) -> Any:
+    """`attributes` with its floats made exact, copied only if one needed it (the dict may
+    be a live span's)."""
+    if not any(isinstance(v, float | list | tuple) for v in attributes.values()):
+        return attributes
+    return {key: _exact_float(value) for key, value in attributes.items()}
 
 
 def _dumps(value: Any) -> bytes:
@@ -364,12 +392,14 @@ def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> bytes:
     while at < len(payload):
         (size,) = _HEADER.unpack_from(payload, at)
         start, at = at + _HEADER.size, at + _HEADER.size + size
-        if at > len(payload) or size < 1:
+        if at > len(payload) or size < 1 or (payload[start] == _WRITTEN and size < 5):
             raise ValueError("a span record runs past the end of its frame")
         kind = payload[start]
         if kind == _WRITTEN:
             (scope_size,) = _HEADER.unpack_from(payload, start + 1)
             scope_at = start + 1 + _HEADER.size
+            if scope_at + scope_size > at:
+                raise ValueError("a span record's scope runs past the end of its record")
             scope = payload[scope_at : scope_at + scope_size]
             if scope not in scopes:
                 scopes[scope] = orjson.loads(scope)

@@ -29,8 +29,8 @@ class LeanSpan(trace.Span):
     parent: SpanContext | None
     kind: SpanKind
     attributes: dict[str, Any]
-    events: list[Event]
-    links: list[Link]
+    events: Sequence[Event]  # the empty tuple until the first
+    links: Sequence[Link]
     status: Status
     start_time: int
     end_time: int | None

@@ -10,14 +10,16 @@ the relay (~6 µs a span); written here it is ~1,500 (docs/BENCHMARKS.md).
 
 A span this writer leaves to the relay's row (`encode_row`): one with events or links,
 an attribute value that is not a str, bool, int within 64 bits, float or None, a key that
-is not a str, text that is not valid Unicode, or more or longer attributes than the
-OTEL_SPAN_*/OTEL_ATTRIBUTE_* limits allow. The relay applies those rules to rows; here a
-span they would change is not written at all, so what arrives is the same either way.
+is not exactly a str, text that is not valid Unicode, more or longer attributes than the
+OTEL_SPAN_*/OTEL_ATTRIBUTE_* limits allow, a name that is not a str, a time that is not
+an int in range, a kind the API does not define. The relay applies the limits to rows;
+here a span they would change is not written at all, so what arrives is the same either
+way (the tests compare the two writers' bytes, NaN and infinities included).
 
-Nothing between reading a span's fields and finishing its bytes runs Python code: the
-fields that take a Python call to read (the trace state, the status, the scope) are
-read first, and the bytes are written into a buffer of the call's own, so a collection
-that ran a finaliser which ended a span in between could not mix two spans' bytes.
+The fields that take a Python call to read (the trace state, the status, the scope) are
+read before any byte is written, and the bytes go into a buffer of the call's own: only
+a failure path makes an exception object, and a collection it started that ran a
+finaliser which ended another span could not mix two spans' bytes.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -143,7 +145,7 @@ cdef inline void _fixed(Out* out, uint64_t value, int size) noexcept:
 
 cdef inline bint _id(Out* out, object value, size_t size) noexcept:
     """An id's `size` bytes (16 or 8), most significant first; False if it is not an int
-    that fits."""
+    (or, for 16 bytes, one that does not fit; 8 bytes are masked, as hex64 writes them)."""
     cdef uint64_t low
     cdef int shift
     if not PyLong_Check(<PyObject*>value):
@@ -178,6 +180,7 @@ cdef bint _attribute(Out* out, PyObject* key, PyObject* value, Py_ssize_t max_le
     cdef long long number = 0
     cdef int overflow = 0
     cdef double real = 0.0
+    cdef uint64_t bits
     cdef int kind
     if not PyUnicode_CheckExact(key):
         return False
@@ -232,7 +235,8 @@ cdef bint _attribute(Out* out, PyObject* key, PyObject* value, Py_ssize_t max_le
         _varint(out, <uint64_t>number)  # int64 as protobuf writes it: two's complement
     elif kind == 4:
         _byte(out, 0x21)
-        _fixed(out, (<uint64_t*>&real)[0], 8)
+        memcpy(&bits, &real, 8)  # the double's bits, as protobuf writes a double
+        _fixed(out, bits, 8)
     return True
 
 
@@ -242,6 +246,8 @@ cdef object _span_record(
     """The span's relay record (api/telemetry/relay.py): a 4-byte big-endian length, "P",
     the scope's length and JSON row, and the OTLP Span message; None to leave it to the
     row. `max_attributes`, `max_length`: the span limits, -1 for none."""
+    if scope is None:
+        raise TypeError("a span's scope must be bytes")
     if span.events or span.links:
         return None
     attributes = span.attributes
@@ -371,7 +377,7 @@ cdef object _span_record(
         PyMem_Free(out.heap)
 
 
-def span_record(span, bytes scope, limits):
+def span_record(span, bytes scope not None, limits):
     """`span`'s relay record as this module writes it, or None if it is left to the row
     (what SpanRows.put does, for the relay's `encode_span` and the tests)."""
     if type(span) is not LeanSpan:
@@ -453,7 +459,10 @@ cdef class SpanRows:
                 scope = self._scopes.get(lean._tracer)
                 if scope is None:
                     scope = self._scopes[lean._tracer] = self._encode_scope(lean._tracer.scope_row)
-                record = _span_record(lean, scope, self._max_attributes, self._max_length)
+                try:
+                    record = _span_record(lean, scope, self._max_attributes, self._max_length)
+                except Exception:  # a trace state or status that cannot be read: the row's
+                    record = None  # own rules decide
             if record is None:
                 record = self._encode_row(span)
         except Exception:
