@@ -8,6 +8,7 @@ import csv
 import fcntl
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -401,9 +402,13 @@ def test_no_limit_is_recommended_when_no_stage_held():
 
 
 def _on_a_terminal() -> None:
-    """In the child: a new session whose controlling terminal is its stdin (a pty)."""
+    """In the child: a new session whose controlling terminal is its stdin (a pty), and
+    Ctrl-C's signal at its default, as a terminal's shell starts a command. A test run
+    started in the background by a shell (`cmd &`, a CI job) inherits SIGINT ignored, and
+    Python installs its KeyboardInterrupt handler only over the default."""
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_stops_the_run_gracefully_and_still_reports(

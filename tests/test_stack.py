@@ -397,6 +397,13 @@ def test_every_program_of_the_stack_carries_its_mark(topology: Topology) -> None
     assert [name for name in names if _pid(topology, name) not in members] == []
 
 
+def _quit_stops() -> None:
+    """In the child: SIGQUIT at its default, as nginx's own handler makes it a stop. A
+    test run started in the background by a shell (`cmd &`, a CI job) inherits it
+    ignored, and bash cannot undo that."""
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def test_down_stops_what_a_dead_supervisord_left_running(tmp_path: Path) -> None:
     """Found by the mark in their environment, or, for nginx and redis-server (which
     overwrite it), by the titles this stack gives them; another stack's, even one inside
@@ -417,6 +424,7 @@ def test_down_stops_what_a_dead_supervisord_left_running(tmp_path: Path) -> None
             stdin=subprocess.PIPE,
             start_new_session=True,
             cwd=tmp_path,  # where a core dump from SIGQUIT would go, if enabled
+            preexec_fn=_quit_stops,  # noqa: PLW1509  # no threads of the test's own here
         )
 
     def nginx(prefix: Path) -> subprocess.Popen[bytes]:
