@@ -11,7 +11,7 @@ OTEL_EXPORTER_OTLP_* variables. It is the agent pattern of an OpenTelemetry Coll
 one hop earlier.
 
 How a span is written (api/telemetry/wire.pyx): our own spans, the common case, as the
-OTLP Span message itself, in C (~1,500 instructions); the rest (events, links, values
+OTLP Span message itself, in C (~3,000 instructions); the rest (events, links, values
 out of the ordinary, spans over the limits, another tracer's spans) as a JSON row, which
 the relay writes as OTLP (~6 µs a span). The relay shares the machine's cores with the
 workers, so its cost is the service's cost too.

@@ -6,7 +6,7 @@ Our own spans (LeanSpan) are written here, in C, as the OTLP `Span` message the 
 would have written for them (api/telemetry/otlp.py; the tests compare the bytes), so the
 relay only groups them by scope. Until session 12 each span was a 19-item list, written as
 JSON in the worker (~8,800 instructions a span), read back and written as protobuf in
-the relay (~6 µs a span); written here it is ~1,500 (docs/BENCHMARKS.md).
+the relay (~6 µs a span); written here it is ~3,000 (docs/BENCHMARKS.md, session 12).
 
 A span this writer leaves to the relay's row (`encode_row`): one with events or links,
 an attribute value that is not a str, bool, int within 64 bits, float or None, a key that
