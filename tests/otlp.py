@@ -114,10 +114,22 @@ def _value(value: object) -> object:
     return getattr(value, kind) if kind else None
 
 
+def records(
+    spans: Sequence[ReadableSpan], write_row: Callable[..., bytes] | None = None
+) -> list[bytes]:
+    """The records a worker's span processor queues for `spans`, through its real queue."""
+    queue = relay.span_queue(len(spans) + 1, len(spans) + 1, threading.Event(), write_row)
+    for span in spans:
+        queue.put(span)
+    written, dropped = queue.take()
+    assert dropped == 0 and len(written) == len(spans)
+    return written
+
+
 def relay_frame(spans: Sequence[ReadableSpan]) -> bytes:
     """The frame a worker's span processor sends the relay for `spans` (one resource)."""
     resource = relay.encode_resource(spans[0].resource if spans else None)
-    return relay.frame(resource, [relay.encode_span(span) for span in spans])
+    return relay.frame(resource, records(spans))
 
 
 def relayed(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:

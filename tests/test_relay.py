@@ -33,8 +33,7 @@ from opentelemetry.util.types import AnyValue
 from api.telemetry import otlp, relay
 from api.telemetry.otlp import BYTES_TAG
 from api.telemetry.spans import LeanSpan, LeanTracerProvider
-from api.telemetry.wire import SpanRows
-from tests.otlp import OtlpReceiver, relay_frame, relayed, same
+from tests.otlp import OtlpReceiver, records, relay_frame, relayed, same
 from tests.servers import ApiServer, wait_until
 
 
@@ -119,8 +118,8 @@ def _lean_provider() -> tuple[LeanTracerProvider, InMemorySpanExporter]:
     return provider, memory
 
 
-def _relayed(records: list[bytes], spans: list[Any]) -> ExportTraceServiceRequest:
-    frame = relay.frame(relay.encode_resource(spans[0].resource), records)
+def _relayed(written: list[bytes], spans: list[Any]) -> ExportTraceServiceRequest:
+    frame = relay.frame(relay.encode_resource(spans[0].resource), written)
     return ExportTraceServiceRequest.FromString(relay.to_otlp(frame[4:]))
 
 
@@ -187,13 +186,13 @@ def test_the_worker_writes_our_spans_as_the_otlp_the_sdk_would_send():
         span.end()
     outer.end()
     spans = list(memory.get_finished_spans())
-    records = [relay.encode_span(span) for span in spans]
-    assert {record[4:5] for record in records} == {b"P"}  # all written by the worker
-    for finished, record in zip(spans, records, strict=True):
+    written = records(spans)
+    assert {record[4:5] for record in written} == {b"P"}  # all written by the worker
+    for finished, record in zip(spans, written, strict=True):
         scope_size = int.from_bytes(record[5:9], "big")
         row = orjson.loads(relay.encode_row(finished)[5:])
         assert record[9 + scope_size :] == otlp._span(row, SpanLimits()), finished.attributes
-    assert same(_relayed(records, spans), encode_spans(spans))
+    assert same(_relayed(written, spans), encode_spans(spans))
 
 
 def test_what_the_worker_does_not_write_goes_as_a_row_and_arrives_the_same(
@@ -228,11 +227,19 @@ def test_what_the_worker_does_not_write_goes_as_a_row_and_arrives_the_same(
         span.end()
     tracer.start_span("within the limits", attributes={"a": "abcde", "b": 2, "c": None}).end()
     spans = list(memory.get_finished_spans())
-    records = [relay.encode_span(span) for span in spans]
-    assert [record[4:5] for record in records] == [b"J"] * len(rows) + [b"P"]
-    assert records[:-1] == [relay.encode_row(span) for span in spans[:-1]]
+    # The processor's queue writes the rows through encode_row alone.
+    through_rows: list[Any] = []
+
+    def encode_row(span: Any) -> bytes:
+        through_rows.append(span)
+        return relay.encode_row(span)
+
+    written = records(spans, encode_row)
+    assert [record[4:5] for record in written] == [b"J"] * len(rows) + [b"P"]
+    assert through_rows == spans[:-1]
+    assert written[:-1] == [relay.encode_row(span) for span in spans[:-1]]
     sent = {
-        span.name: span for span in _relayed(records, spans).resource_spans[0].scope_spans[0].spans
+        span.name: span for span in _relayed(written, spans).resource_spans[0].scope_spans[0].spans
     }
     assert len(sent) == len(spans)
     over = sent["more attributes than the limit"]
@@ -252,50 +259,29 @@ def test_what_the_worker_does_not_write_goes_as_a_row_and_arrives_the_same(
     # error for each odd value: compared where neither matters.
     plain = ("an event", "a link", "a sequence", "bytes", "within the limits")
     kept = [span for span in spans if span.name in plain]
-    assert same(_relayed([relay.encode_span(span) for span in kept], kept), encode_spans(kept))
-
-    # The processor's queue: the same records, the rows through encode_row alone.
-    through_rows: list[Any] = []
-
-    def encode_row(span: Any) -> bytes:
-        through_rows.append(span)
-        return relay.encode_row(span)
-
-    queue = SpanRows(
-        64,
-        64,
-        threading.Event(),
-        encode_row,
-        relay.encode_resource,
-        relay.encode_scope,
-        SpanLimits(),
-    )
-    for finished in spans:
-        queue.put(finished)
-    assert queue.take() == (records, 0)
-    assert through_rows == spans[:-1]
+    assert same(_relayed(records(kept), kept), encode_spans(kept))
 
 
 def test_a_frame_that_is_cut_short_or_unknown_is_refused():
     spans = list(_spans(lean=True))
-    records = [relay.encode_span(span) for span in spans]
-    whole = relay.frame(relay.encode_resource(spans[0].resource), records)[4:]
+    written = records(spans)
+    whole = relay.frame(relay.encode_resource(spans[0].resource), written)[4:]
     assert relay.to_otlp(whole)
     with pytest.raises(ValueError, match="runs past"):
         relay.to_otlp(whole[:-1])
-    unknown = whole[: -len(records[-1])] + records[-1][:4] + b"X" + records[-1][5:]
+    unknown = whole[: -len(written[-1])] + written[-1][:4] + b"X" + written[-1][5:]
     with pytest.raises(ValueError, match="unknown span record 0x58"):
         relay.to_otlp(unknown)
     provider, memory = _lean_provider()
     provider.get_tracer("api").start_span("plain").end()
     (plain,) = memory.get_finished_spans()
-    written = relay.encode_span(plain)
-    assert written[4:5] == b"P"
-    scope_size = int.from_bytes(written[5:9], "big")
-    too_long = written[:5] + (scope_size + len(written)).to_bytes(4, "big") + written[9:]
+    (one,) = records([plain])
+    assert one[4:5] == b"P"
+    scope_size = int.from_bytes(one[5:9], "big")
+    too_long = one[:5] + (scope_size + len(one)).to_bytes(4, "big") + one[9:]
     head = relay.encode_resource(spans[0].resource)
     with pytest.raises(ValueError, match="scope runs past"):
-        relay.to_otlp(relay.frame(head, [too_long, *records])[4:])
+        relay.to_otlp(relay.frame(head, [too_long, *written])[4:])
 
 
 def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(
@@ -398,7 +384,7 @@ def test_a_hung_collector_costs_frames_not_threads_or_memory(
     monkeypatch.setenv(relay.MAX_QUEUED_ENV, str(4 * 1024 * 1024))
     spans = _spans()
     resource = relay.encode_resource(spans[0].resource)
-    big = relay.frame(resource, [relay.encode_span(spans[0])] * 3000)  # ~1.3 MB
+    big = relay.frame(resource, records(spans[:1]) * 3000)  # ~1.3 MB
     assert len(big) > 1024 * 1024
     process = relay.Relay()
     try:

@@ -56,7 +56,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ from opentelemetry.trace import SpanContext
 from api import processes
 from api.telemetry.otlp import BYTES_TAG, FLOAT_TAG, Written, encode_request
 from api.telemetry.spans import LeanSpan, plain
-from api.telemetry.wire import SpanRows, span_record
+from api.telemetry.wire import SpanRows
 
 SOCKET_ENV = "SPAN_RELAY_SOCKET"
 _HEADER = struct.Struct(">I")
@@ -99,17 +99,25 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-def encode_span(span: ReadableSpan | LeanSpan, limits: SpanLimits | None = None) -> bytes:
-    """A span's record, as a worker's span processor queues it: written as OTLP in the
-    worker where api/telemetry/wire.pyx can (the processor's queue calls it there
-    directly), its row otherwise. `limits`: the relay's, read from the environment if
-    not given."""
-    if isinstance(span, LeanSpan):
-        scope = encode_scope(_scope_row(span.instrumentation_scope))
-        written = span_record(span, scope, limits or SpanLimits())
-        if written is not None:
-            return written
-    return encode_row(span)
+def span_queue(
+    max_queue: int,
+    batch: int,
+    wake: threading.Event,
+    write_row: Callable[[ReadableSpan | LeanSpan], bytes] | None = None,
+) -> SpanRows:
+    """The worker's span queue (api/telemetry/wire.pyx), writing each span's record as it
+    ends: as OTLP where it can, as its row (`write_row`, `encode_row` unless a test
+    watches it) otherwise, under the span limits the relay reads from the same
+    environment. `wake` is set when `batch` records wait."""
+    return SpanRows(
+        max_queue,
+        batch,
+        wake,
+        write_row or encode_row,
+        encode_resource,
+        encode_scope,
+        SpanLimits(),
+    )
 
 
 def encode_row(span: ReadableSpan | LeanSpan) -> bytes:
@@ -270,15 +278,7 @@ class RelaySpanProcessor(SpanProcessor):
     def _start(self) -> None:
         self._send_lock = threading.Lock()  # the socket, and the order of frames
         self._wake = threading.Event()
-        self._queue = SpanRows(
-            self._max_queue,
-            self._batch,
-            self._wake,
-            encode_row,
-            encode_resource,
-            encode_scope,
-            SpanLimits(),  # the relay's: the same environment
-        )
+        self._queue = span_queue(self._max_queue, self._batch, self._wake)
         self._queue.stopped = self._stopped  # a child forked after shutdown queues nothing
         # The compiled queue's put itself: no Python frame per span.
         self.on_end = self._queue.put  # type: ignore[method-assign]

@@ -4,8 +4,6 @@ from typing import Any
 
 from opentelemetry.sdk.trace import SpanLimits
 
-def span_record(span: Any, scope: bytes, limits: SpanLimits) -> bytes | None: ...
-
 class SpanRows:
     dropped: int
     stopped: bool

@@ -377,19 +377,6 @@ cdef object _span_record(
         PyMem_Free(out.heap)
 
 
-def span_record(span, bytes scope not None, limits):
-    """`span`'s relay record as this module writes it, or None if it is left to the row
-    (what SpanRows.put does, for the relay's `encode_span` and the tests)."""
-    if type(span) is not LeanSpan:
-        return None
-    return _span_record(
-        <LeanSpan>span,
-        scope,
-        _limit(limits.max_span_attributes),
-        _limit(limits.max_span_attribute_length),
-    )
-
-
 cdef Py_ssize_t _limit(value) except? -2:
     """A SpanLimits value in C: -1 for none."""
     return -1 if value is None else value
