@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 MODEL := models/all-MiniLM-L6-v2/export.json
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the test suite starts for real.
-SYSTEM_PACKAGES := redis-server nginx prometheus prometheus-nginx-exporter prometheus-redis-exporter wrk
+# Debian packages the test suite starts for real, and the benchmarks' load generator (wrk)
+# and instruction counter (valgrind).
+SYSTEM_PACKAGES := redis-server nginx prometheus prometheus-nginx-exporter prometheus-redis-exporter wrk valgrind
 # Packaged services the stack and the tests start themselves, on their own ports.
 PACKAGED_SERVICES := redis-server nginx prometheus prometheus-nginx-exporter prometheus-redis-exporter
 

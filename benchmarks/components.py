@@ -16,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -30,23 +27,9 @@ from typing import Any
 
 import uvloop
 
+from benchmarks import inprocess
+from benchmarks.inprocess import SETTINGS
 from benchmarks.overhead import QUESTION, cpu_seconds
-from tests.servers import ROOT, RedisServer, free_port
-
-# "off, again" is the control: the same setting measured as if it were another, so the gap
-# between the two offs is what this instrument cannot resolve.
-SETTINGS = {
-    "off": "",
-    "off, again": "",
-    "access log": "l",
-    "metrics": "m",
-    "traces": "t",
-    "everything": "lmt",
-}
-_SINK = (
-    "from http.server import ThreadingHTTPServer; from benchmarks.overhead import _Sink; "
-    "ThreadingHTTPServer(('127.0.0.1', {port}), _Sink).serve_forever()"
-)
 
 
 def measure(rounds: int = 30, batch: int = 500) -> dict[str, Any]:
@@ -65,52 +48,14 @@ def measure(rounds: int = 30, batch: int = 500) -> dict[str, Any]:
 
 
 def _child(rounds: int, batch: int) -> dict[str, Any]:
-    port = free_port()
-    sink = subprocess.Popen([sys.executable, "-c", _SINK.format(port=port)])
-    tmp = Path(tempfile.mkdtemp())
-    os.environ.update(
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
-        OTEL_SDK_DISABLED="false",
-        OTEL_TRACES_SAMPLER="always_on",
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
-    )
-    (tmp / "metrics").mkdir()
-    from api.telemetry.relay import SOCKET_ENV, Relay
-
-    relay = Relay()
-    os.environ[SOCKET_ENV] = relay.path
-    redis_server = RedisServer(tmp / "redis")
-    redis_server.start()
-    try:
-        return uvloop.run(_drive(tmp, redis_server.url, rounds, batch, relay.process.pid))
-    finally:
-        redis_server.stop()
-        relay.stop()
-        sink.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with inprocess.surroundings() as (tmp, redis_url, relay_pid):
+        return uvloop.run(_drive(tmp, redis_url, rounds, batch, relay_pid))
 
 
 async def _drive(
     tmp: Path, redis_url: str, rounds: int, batch: int, relay_pid: int
 ) -> dict[str, Any]:
-    from opentelemetry.trace import NoOpTracer
-
-    from api import telemetry
-    from api.config import Settings
-    from api.main import create_app
-    from api.middleware import RequestTelemetry
-    from api.telemetry import flusher, traces
-
-    settings = Settings(
-        data_dir=tmp / "data",
-        model_dir=ROOT / "models",
-        documents_dir=ROOT / "documents",
-        redis_url=redis_url,
-        generator="extractive",
-        log_format="json",
-    )
-    app = create_app(settings)
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115  # the access lines go nowhere
+    app = inprocess.app(tmp / "data", redis_url)
     body = json.dumps(QUESTION).encode()
     scope = {
         "type": "http",
@@ -150,16 +95,7 @@ async def _drive(
         app({"type": "lifespan", "asgi": {"version": "3.0"}}, startup.get, started.put)
     )
     assert (await started.get())["type"] == "lifespan.startup.complete"
-    middleware: Any = app.middleware_stack  # built by the lifespan's call
-    while not isinstance(middleware, RequestTelemetry):
-        middleware = middleware.app
-    real_tracer = traces._tracer
-
-    def configure(flags: str) -> None:
-        middleware.recorder.access_log_on = "l" in flags
-        middleware.recorder.tracing_on = "t" in flags
-        telemetry.enable_metrics("m" in flags)
-        traces._tracer = real_tracer if "t" in flags else NoOpTracer()
+    configure = inprocess.switches(app)
 
     async def clients(count: int) -> None:  # four concurrent clients, as wrk -c4
         async def client(n: int) -> None:
@@ -169,18 +105,6 @@ async def _drive(
         await asyncio.gather(*(client(count // 4) for _ in range(4)))
 
     await clients(400)  # the cache is filled, the code warm
-    provider = traces._provider
-    assert provider is not None
-
-    def settle() -> None:
-        """What a batch deferred is charged to it, not to the next: queued log lines and
-        metric increments written (and exemplars, which a worker writes only once a
-        second: a metrics batch pays for one write more than it would), queued spans sent
-        to the relay, its garbage collected."""
-        flusher.flush()
-        provider.force_flush()
-        gc.collect()
-
     cpu: dict[str, list[float]] = {name: [] for name in SETTINGS}
     relayed: dict[str, list[float]] = {name: [] for name in SETTINGS}
     order = random.Random(4)  # a fixed seed: reruns shuffle alike
@@ -190,11 +114,13 @@ async def _drive(
         for name in order.sample(list(SETTINGS), len(SETTINGS)):
             configure(SETTINGS[name])
             await clients(40)
-            settle()  # no batch starts with another's leftovers
+            inprocess.settle()  # no batch starts with another's leftovers
+            gc.collect()
             await asyncio.sleep(0.3)  # the relay done with the previous setting's spans
             before, relay_before = time.process_time(), cpu_seconds(relay_pid)
             await clients(batch)
-            settle()
+            inprocess.settle()
+            gc.collect()  # its garbage too
             cpu[name].append((time.process_time() - before) / batch * 1e6)
             await asyncio.sleep(0.3)  # the relay done with this one's
             relayed[name].append(cpu_seconds(relay_pid) - relay_before)

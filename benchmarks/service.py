@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import components, overhead, stack, streaming
+from benchmarks import components, instructions, overhead, stack, streaming
 from benchmarks.load import closed_loop
 from tests.servers import ROOT, ApiServer, RedisServer
 
@@ -198,6 +198,8 @@ def main() -> None:
     overhead.report(observed)
     parts = components.measure()
     components.report(parts)
+    counted = instructions.measure()
+    instructions.report(counted)
     layout = stack.measure()
     stack.report(layout)
     speedup = results["int8"]["ingest_chunks_per_s"] / base["ingest_chunks_per_s"]
@@ -216,6 +218,7 @@ def main() -> None:
                 "streaming": streamed,
                 "instrumentation_overhead": observed,
                 "telemetry_components": parts,
+                "telemetry_instructions": counted,
                 "stack": layout,
                 "query": queries,
             },

@@ -5,7 +5,8 @@ the figures live in docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
-from benchmarks import components, overhead, stack, versus
+from benchmarks import components, instructions, overhead, stack, versus
+from benchmarks.inprocess import SETTINGS
 from tests.servers import ROOT
 
 
@@ -33,6 +34,19 @@ def test_the_stack_benchmark_measures_both_endpoints_through_nginx():
 
 def test_the_components_benchmark_measures_every_setting():
     result = components.measure(rounds=1, batch=600)  # enough for the relay to use a CPU tick
-    assert set(result["us_per_request"]) == set(components.SETTINGS)
+    assert set(result["us_per_request"]) == set(SETTINGS)
     assert all(value > 0 for value in result["us_per_request"].values())
     assert result["relay_us_per_request"]["traces"] > 0  # the relay was measured, and worked
+
+
+def test_the_instruction_count_counts_every_setting_under_callgrind():
+    result = instructions.measure(requests=8)
+    counted = result["per_request"]
+    assert set(counted) == set(SETTINGS)
+    for values in counted.values():
+        assert set(values) == set(instructions.KINDS)
+        assert all(value > 0 for value in values.values())
+    # Counted in the window, not before or after it: a cached answer is some 100,000s of
+    # instructions, and the telemetry's share shows.
+    assert 100_000 < counted["off"]["instructions"] < 5_000_000
+    assert counted["everything"]["instructions"] > counted["off"]["instructions"]

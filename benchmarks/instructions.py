@@ -1,0 +1,286 @@
+"""`make bench`, part: what observability costs a cached `/query`, counted by callgrind.
+
+On this shared VM two identical servers measure up to ~5% apart by the clock, about half
+the overhead target. Counts do not wander: callgrind (valgrind) counts the instructions
+the CPU executes, and simulates its caches and branch predictors, the same figures on
+every run to within a percent. So this runs the service's app under callgrind as a
+worker runs it: behind uvicorn's HTTP server, with the worker's own protocol
+(api/worker.py), on uvloop, the span relay and Redis in processes of their own
+(benchmarks/inprocess.py). A client outside valgrind sends the requests, four at a time
+over keep-alive connections. Each setting is switched on in the same running app and
+counted over the same requests, including the flush of what they queued (log lines,
+metric increments, spans to the relay).
+
+How to read it (docs/BENCHMARKS.md, session 13):
+- instructions are not equal in time. A miss in the L2 costs tens of cycles and a
+  mispredicted branch ~15, where an instruction costs a fraction of one, and the
+  telemetry adds misses in a larger proportion than instructions: that, not its
+  instruction count, is what the clock (benchmarks/overhead.py) measures;
+- the kernel's work (the sockets, the same in every setting) is not counted, so the
+  percentages are of the process's own work;
+- valgrind runs the app ~50x slower, so what a worker does by the clock (the flusher's
+  0.1 s tick, the span processor's 5 s timer) would come every few requests here. Both
+  are held off: what the requests queued is written once per counted window, about as
+  often per request as a busy worker writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from benchmarks import inprocess
+from benchmarks.inprocess import SETTINGS
+from benchmarks.overhead import QUESTION
+from tests.servers import ROOT, free_port
+
+# The client requests callgrind answers (valgrind/callgrind.h): count only what is between
+# a mark's start and its stop, and write each such window to a file of its own, by name.
+_MARKS = r"""
+#include <valgrind/callgrind.h>
+void mark_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void mark_stop(const char *name) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT(name); }
+"""
+WARM_UP = 400  # requests before anything is counted: the cache filled, every path taken
+# Simulated caches shaped like this machine's cores (AMD EPYC: 32 KiB 8-way L1s, a 512 KiB
+# 8-way L2 per core, simulated as callgrind's last level; the L3 is shared and large).
+_CACHES = ["--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64"]
+# Callgrind's events, summed into what the report shows.
+KINDS = {
+    "instructions": ("Ir",),
+    "L1 misses": ("I1mr", "D1mr", "D1mw"),
+    "L2 misses": ("ILmr", "DLmr", "DLmw"),
+    "mispredicted branches": ("Bcm", "Bim"),
+}
+
+
+def measure(requests: int = 400, keep: Path | None = None) -> dict[str, Any]:
+    """Per request, for every setting, counted over `requests` each: instructions, and
+    the misses of simulated caches and branch predictors (`KINDS`). `keep`: a directory
+    to copy callgrind's files to, one per setting, for `callgrind_annotate`."""
+    for tool in ("valgrind", "cc"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed: run `make system-deps`")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        # The sample corpus embedded natively first: at start-up under valgrind it took
+        # ten minutes.
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.instructions", "--prepare", str(tmp / "data")],
+            check=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        (tmp / "marks.c").write_text(_MARKS)
+        subprocess.run(
+            ["cc", "-O2", "-shared", "-fPIC", "-o", tmp / "marks.so", tmp / "marks.c"],
+            check=True,
+        )
+        child = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                "--cache-sim=yes",
+                "--branch-sim=yes",
+                *_CACHES,
+                f"--callgrind-out-file={tmp / 'count'}",
+                sys.executable,
+                "-m",
+                "benchmarks.instructions",
+                "--child",
+                str(requests),
+                str(tmp / "marks.so"),
+                str(tmp / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=3600,
+            cwd=ROOT,
+        )
+        if child.returncode:
+            raise RuntimeError(f"instruction count failed:\n{child.stderr[-3000:]}")
+        counted = {}
+        for dump in tmp.glob("count.*"):
+            text = dump.read_text(errors="replace")
+            name = re.search(r"^desc: Trigger: Client Request: (.+)$", text, re.M)
+            events = re.search(r"^events: (.+)$", text, re.M)
+            totals = re.search(r"^totals: (.+)$", text, re.M)
+            if name and events and totals:
+                # A cost line may leave out its trailing zeros.
+                found = dict(
+                    zip(events.group(1).split(), map(int, totals.group(1).split()), strict=False)
+                )
+                counted[name.group(1)] = {
+                    kind: sum(found.get(event, 0) for event in events_of) / requests
+                    for kind, events_of in KINDS.items()
+                }
+            if name and keep:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, keep / f"callgrind.{name.group(1).replace(', ', '-')}")
+    missing = set(SETTINGS) - set(counted)
+    if missing:
+        raise RuntimeError(f"no count for {sorted(missing)}")
+    return {"per_request": {name: counted[name] for name in SETTINGS}, "requests": requests}
+
+
+def _child(requests: int, marks: str | None, data: Path) -> None:
+    """Counted, under valgrind, with the `marks` library; without it, the app started on
+    `data` and stopped, as `measure`'s native first step."""
+    from ctypes import CDLL
+
+    if marks:
+        # A busy worker fills a batch of spans long before the batch timer fires; under
+        # valgrind, ~50x slower, the timer would send small batches instead.
+        os.environ["OTEL_BSP_SCHEDULE_DELAY"] = str(3600 * 1000)
+    with inprocess.surroundings() as (_, redis_url, _):
+        uvloop.run(_drive(data, redis_url, requests, marks and CDLL(marks)))
+
+
+async def _drive(data: Path, redis_url: str, requests: int, marks: Any) -> None:
+    import uvicorn
+
+    from api.worker import WholeResponseProtocol
+
+    app = inprocess.app(data, redis_url)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=free_port(),
+            loop="none",  # this one, uvloop's, as the worker's
+            http=WholeResponseProtocol,
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            timeout_keep_alive=3600,  # the client's connections outlive valgrind's pauses
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.1)
+    # Not under valgrind: a new program is not followed (callgrind's --trace-children=no).
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.instructions",
+        "--client",
+        str(server.config.port),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert client.stdin is not None and client.stdout is not None
+
+    async def send(count: int) -> None:
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(b"%d\n" % count)
+        await client.stdin.drain()
+        answer = await client.stdout.readline()
+        if answer != b"done\n":
+            raise RuntimeError(f"the client says {answer!r}")
+
+    configure = inprocess.switches(app)
+    if marks:
+        from api.telemetry import flusher
+
+        # A worker answering ~3,000 requests/s writes its queued lines and increments
+        # every ~300 (a tick of 0.1 s); under valgrind a tick would come every few
+        # requests. Here they are written once per counted window (`settle`), as often.
+        flusher.TICK = 3600.0
+    for flags in ("lmt", ""):
+        configure(flags)
+        await send(WARM_UP // 2)
+    for name, flags in SETTINGS.items() if marks else ():
+        configure(flags)
+        await send(80)
+        inprocess.settle()
+        gc.collect()
+        marks.mark_start()
+        await send(requests)
+        inprocess.settle()
+        marks.mark_stop(name.encode())
+        gc.collect()
+    client.stdin.close()
+    await client.wait()
+    server.should_exit = True
+    await serving
+
+
+def _client(port: int) -> None:
+    """For each count read from stdin, that many cached queries over four keep-alive
+    connections; then "done" on stdout."""
+    body = json.dumps(QUESTION)
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(4)]
+    failures: list[str] = []
+
+    def run(connection: http.client.HTTPConnection, count: int) -> None:
+        for _ in range(count):
+            connection.request("POST", "/query", body, {"content-type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                failures.append(str(response.status))
+
+    for line in sys.stdin:
+        count = int(line)
+        threads = [
+            threading.Thread(target=run, args=(c, count // 4 + (i < count % 4)))
+            for i, c in enumerate(connections)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("done" if not failures else f"failed: {failures[:3]}", flush=True)
+
+
+def report(result: dict[str, Any]) -> None:
+    counted = result["per_request"]
+    print(
+        f"\nper cached /query through uvicorn, counted by callgrind ({result['requests']} "
+        "requests a setting, 4 clients), and over off:"
+    )
+    print(f"  {'':12s}" + "".join(f"{kind:>19s}      " for kind in KINDS))
+    off = counted["off"]
+    for name, values in counted.items():
+        cells = "".join(
+            f"{values[kind]:12.0f} {values[kind] / off[kind] - 1:+6.1%}      " for kind in KINDS
+        )
+        print(f"  {name:12s}{cells}")
+    print("  (the gap between the two offs is this instrument's resolution)")
+    on, logs = counted["everything"]["instructions"], counted["access log"]["instructions"]
+    print(
+        "  by instructions alone, everything on serves "
+        f"{1 - off['instructions'] / on:.1%} fewer requests/s than off, "
+        f"{1 - logs / on:.1%} fewer than the access log alone (issue 4's off)"
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        _child(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1:2] == ["--prepare"]:
+        _child(0, None, Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["--client"]:
+        _client(int(sys.argv[2]))
+    else:
+        parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+        parser.add_argument("requests", nargs="?", type=int, default=400)
+        parser.add_argument("--keep", type=Path, help="where to copy callgrind's files")
+        arguments = parser.parse_args()
+        report(measure(arguments.requests, arguments.keep))
