@@ -132,7 +132,7 @@ def measure(requests: int = 400, keep: Path | None = None) -> dict[str, Any]:
                 }
             if name and keep:
                 keep.mkdir(parents=True, exist_ok=True)
-                shutil.copy(dump, keep / f"callgrind.{name.group(1).replace(', ', '-')}")
+                shutil.copy(dump, keep / ("callgrind." + re.sub(r"\W+", "-", name.group(1))))
     missing = set(SETTINGS) - set(counted)
     if missing:
         raise RuntimeError(f"no count for {sorted(missing)}")
