@@ -190,8 +190,9 @@ def encode_scope(scope_row: Sequence[Any]) -> bytes:
 
 
 def frame(resource: bytes, records: Sequence[bytes]) -> bytes:
-    payload = resource + b"".join(records)
-    return _HEADER.pack(len(payload)) + payload
+    # One copy of a batch (~128 KB), where joining, prefixing and heading took three.
+    size = len(resource) + sum(map(len, records))
+    return b"".join((_HEADER.pack(size), resource, *records))
 
 
 def _exact_float(value: Any) -> Any:
