@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,35 +39,34 @@ def surroundings() -> Iterator[tuple[Path, str, int]]:
     """An OTLP sink in another process, a span relay and Redis, and the environment that
     points this process's telemetry at them (traces sampled at 100%). Yields a scratch
     directory, Redis's URL and the relay's pid."""
-    port = free_port()
-    sink = subprocess.Popen([sys.executable, "-c", _SINK.format(port=port)], cwd=ROOT)
-    tmp = Path(tempfile.mkdtemp())
-    os.environ.update(
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
-        OTEL_SDK_DISABLED="false",
-        OTEL_TRACES_SAMPLER="always_on",
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
-    )
-    (tmp / "metrics").mkdir()
-    from api.telemetry.relay import SOCKET_ENV, Relay
+    with ExitStack() as cleanup:  # whatever started is stopped, even if the rest fails
+        port = free_port()
+        sink = subprocess.Popen([sys.executable, "-c", _SINK.format(port=port)], cwd=ROOT)
+        cleanup.callback(sink.kill)
+        tmp = Path(tempfile.mkdtemp())
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        os.environ.update(
+            PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
+            OTEL_SDK_DISABLED="false",
+            OTEL_TRACES_SAMPLER="always_on",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        )
+        (tmp / "metrics").mkdir()
+        from api.telemetry.relay import SOCKET_ENV, Relay
 
-    relay = Relay()
-    os.environ[SOCKET_ENV] = relay.path
-    redis_server = RedisServer(tmp / "redis")
-    try:
+        relay = Relay()
+        cleanup.callback(relay.stop)
+        os.environ[SOCKET_ENV] = relay.path
+        redis_server = RedisServer(tmp / "redis")
+        cleanup.callback(redis_server.stop)
         redis_server.start()
         yield tmp, redis_server.url, relay.process.pid
-    finally:
-        redis_server.stop()
-        relay.stop()
-        sink.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def app(data: Path, redis_url: str) -> Any:
     """The service's app on the sample corpus, its store in `data` (ingested at start-up
-    if empty), answering from Redis, with JSON logs (which go nowhere: a benchmark's
-    stderr is not read)."""
+    if empty), answering from Redis, with JSON logs, which go to /dev/null with the rest
+    of sys.stderr: a caller that wants its errors seen writes them to sys.__stderr__."""
     from api.config import Settings
     from api.main import create_app
 
@@ -117,5 +116,5 @@ def settle() -> None:
     from api.telemetry import flusher, traces
 
     flusher.flush()
-    if traces._provider is not None:
-        traces._provider.force_flush()
+    assert traces._provider is not None, "tracing is not set up"
+    traces._provider.force_flush()

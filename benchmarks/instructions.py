@@ -1,9 +1,10 @@
 """`make bench`, part: what observability costs a cached `/query`, counted by callgrind.
 
 On this shared VM two identical servers measure up to ~5% apart by the clock, about half
-the overhead target. Counts do not wander: callgrind (valgrind) counts the instructions
-the CPU executes, and simulates its caches and branch predictors, the same figures on
-every run to within a percent. So this runs the service's app under callgrind as a
+the overhead target. Callgrind (valgrind) counts the instructions the CPU executes, the
+same figure on every run to within half a percent, and simulates the caches and branch
+predictor (their misses move more between runs, by up to ~15% of a setting's figure, with
+where the allocator puts things). So this runs the service's app under callgrind as a
 worker runs it: behind uvicorn's HTTP server, with the worker's own protocol
 (api/worker.py), on uvloop, the span relay and Redis in processes of their own
 (benchmarks/inprocess.py). A client outside valgrind sends the requests, four at a time
@@ -14,14 +15,14 @@ metric increments, spans to the relay).
 How to read it (docs/BENCHMARKS.md, session 13):
 - instructions are not equal in time. A miss in the L2 costs tens of cycles and a
   mispredicted branch ~15, where an instruction costs a fraction of one, and the
-  telemetry adds misses in a larger proportion than instructions: that, not its
-  instruction count, is what the clock (benchmarks/overhead.py) measures;
+  telemetry adds misses in a larger proportion than instructions, which is part of why
+  the clock (benchmarks/overhead.py) finds it dearer than its count;
 - the kernel's work (the sockets, the same in every setting) is not counted, so the
   percentages are of the process's own work;
 - valgrind runs the app ~50x slower, so what a worker does by the clock (the flusher's
-  0.1 s tick, the span processor's 5 s timer) would come every few requests here. Both
-  are held off: what the requests queued is written once per counted window, about as
-  often per request as a busy worker writes it.
+  0.1 s tick, the span processor's 5 s timer) would come far more often per request
+  here. Both are held off: the queues still write when full, as in a busy worker, and
+  the rest is written at the end of each window of 400.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +51,19 @@ from benchmarks.inprocess import SETTINGS
 from benchmarks.overhead import QUESTION
 from tests.servers import ROOT, free_port
 
-# The client requests callgrind answers (valgrind/callgrind.h): count only what is between
-# a mark's start and its stop, and write each such window to a file of its own, by name.
+# The client requests callgrind answers (valgrind/callgrind.h). Starting instrumentation
+# empties the simulated caches, so a window is instrumented first, warmed, and only then
+# counted from zero; its stop writes it to a file of its own, by name.
 _MARKS = r"""
 #include <valgrind/callgrind.h>
-void mark_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void mark_instrument(void) { CALLGRIND_START_INSTRUMENTATION; }
+void mark_zero(void) { CALLGRIND_ZERO_STATS; }
 void mark_stop(const char *name) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT(name); }
 """
-WARM_UP = 400  # requests before anything is counted: the cache filled, every path taken
+WARM_UP = 400  # requests before anything is counted: Redis's answer cached, every path taken
+WARM_CACHES = 40  # instrumented requests before each window: the simulated caches filled
+# The control last: anything one setting leaves to the next would show in it.
+ORDER = ("off", "access log", "metrics", "traces", "everything", "off, again")
 # Simulated caches shaped like this machine's cores (AMD EPYC: 32 KiB 8-way L1s, a 512 KiB
 # 8-way L2 per core, simulated as callgrind's last level; the L3 is shared and large).
 _CACHES = ["--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64"]
@@ -68,13 +76,15 @@ KINDS = {
 }
 
 
-def measure(requests: int = 400, keep: Path | None = None) -> dict[str, Any]:
+def measure(requests: int = 400, keep: Path | None = None, timeout: float = 3600) -> dict[str, Any]:
     """Per request, for every setting, counted over `requests` each: instructions, and
     the misses of simulated caches and branch predictors (`KINDS`). `keep`: a directory
-    to copy callgrind's files to, one per setting, for `callgrind_annotate`."""
-    for tool in ("valgrind", "cc"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed: run `make system-deps`")
+    to copy callgrind's files to, one per setting, for `callgrind_annotate`; `timeout`:
+    seconds for the whole count."""
+    if shutil.which("valgrind") is None:
+        raise RuntimeError("valgrind is not installed: run `make system-deps`")
+    if shutil.which("cc") is None:
+        raise RuntimeError("no C compiler: `make install` installs build-essential")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # The sample corpus embedded natively first: at start-up under valgrind it took
@@ -90,7 +100,7 @@ def measure(requests: int = 400, keep: Path | None = None) -> dict[str, Any]:
             ["cc", "-O2", "-shared", "-fPIC", "-o", tmp / "marks.so", tmp / "marks.c"],
             check=True,
         )
-        child = subprocess.run(
+        child = subprocess.Popen(
             [
                 "valgrind",
                 "--tool=callgrind",
@@ -107,14 +117,24 @@ def measure(requests: int = 400, keep: Path | None = None) -> dict[str, Any]:
                 str(tmp / "marks.so"),
                 str(tmp / "data"),
             ],
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            check=False,
-            timeout=3600,
             cwd=ROOT,
         )
+        try:
+            _, errors = child.communicate(timeout=timeout)
+        except BaseException:
+            # SIGTERM lets the child stop the relay, Redis and the sink it started.
+            child.terminate()
+            try:
+                child.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+            raise
         if child.returncode:
-            raise RuntimeError(f"instruction count failed:\n{child.stderr[-3000:]}")
+            raise RuntimeError(f"instruction count failed:\n{errors[-3000:]}")
         counted = {}
         for dump in tmp.glob("count.*"):
             text = dump.read_text(errors="replace")
@@ -144,12 +164,17 @@ def _child(requests: int, marks: str | None, data: Path) -> None:
     `data` and stopped, as `measure`'s native first step."""
     from ctypes import CDLL
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # and cleans up
     if marks:
-        # A busy worker fills a batch of spans long before the batch timer fires; under
-        # valgrind, ~50x slower, the timer would send small batches instead.
+        # A busy worker fills a batch of spans (512) long before the 5 s timer fires;
+        # under valgrind, ~50x slower, the timer would cut batches of a few hundred.
         os.environ["OTEL_BSP_SCHEDULE_DELAY"] = str(3600 * 1000)
-    with inprocess.surroundings() as (_, redis_url, _):
-        uvloop.run(_drive(data, redis_url, requests, marks and CDLL(marks)))
+    try:
+        with inprocess.surroundings() as (_, redis_url, _):
+            uvloop.run(_drive(data, redis_url, requests, marks and CDLL(marks)))
+    except BaseException:
+        traceback.print_exc(file=sys.__stderr__)  # the app points sys.stderr at /dev/null
+        raise
 
 
 async def _drive(data: Path, redis_url: str, requests: int, marks: Any) -> None:
@@ -173,6 +198,8 @@ async def _drive(data: Path, redis_url: str, requests: int, marks: Any) -> None:
     )
     serving = asyncio.create_task(server.serve())
     while not server.started:
+        if serving.done():  # the app did not start: uvicorn has said why
+            raise RuntimeError("the app did not start")
         await asyncio.sleep(0.1)
     # Not under valgrind: a new program is not followed (callgrind's --trace-children=no).
     client = await asyncio.create_subprocess_exec(
@@ -195,26 +222,34 @@ async def _drive(data: Path, redis_url: str, requests: int, marks: Any) -> None:
             raise RuntimeError(f"the client says {answer!r}")
 
     configure = inprocess.switches(app)
-    if marks:
-        from api.telemetry import flusher
+    if not marks:  # the native first step: the corpus is in the store now
+        client.stdin.close()
+        await client.wait()
+        server.should_exit = True
+        await serving
+        return
+    from api.telemetry import flusher
 
-        # A worker answering ~3,000 requests/s writes its queued lines and increments
-        # every ~300 (a tick of 0.1 s); under valgrind a tick would come every few
-        # requests. Here they are written once per counted window (`settle`), as often.
-        flusher.TICK = 3600.0
+    # A worker answering ~3,000 requests/s writes its queued lines and increments every
+    # ~300 (a tick of 0.1 s); under valgrind a tick would come every few requests. Here
+    # the tick is held off: the log queue still writes when 256 lines wait and the span
+    # queue sends at 512 spans, as in a worker, and the rest is written at each window's
+    # end (`settle`).
+    flusher.TICK = 3600.0
     for flags in ("lmt", ""):
         configure(flags)
         await send(WARM_UP // 2)
-    for name, flags in SETTINGS.items() if marks else ():
-        configure(flags)
+    for name in ORDER:
+        configure(SETTINGS[name])
         await send(80)
+        marks.mark_instrument()
+        await send(WARM_CACHES)
         inprocess.settle()
         gc.collect()
-        marks.mark_start()
+        marks.mark_zero()
         await send(requests)
         inprocess.settle()
         marks.mark_stop(name.encode())
-        gc.collect()
     client.stdin.close()
     await client.wait()
     server.should_exit = True
@@ -229,12 +264,15 @@ def _client(port: int) -> None:
     failures: list[str] = []
 
     def run(connection: http.client.HTTPConnection, count: int) -> None:
-        for _ in range(count):
-            connection.request("POST", "/query", body, {"content-type": "application/json"})
-            response = connection.getresponse()
-            response.read()
-            if response.status != 200:
-                failures.append(str(response.status))
+        try:
+            for _ in range(count):
+                connection.request("POST", "/query", body, {"content-type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append(str(response.status))
+        except Exception as exc:  # a window that served fewer requests must not count
+            failures.append(repr(exc))
 
     for line in sys.stdin:
         count = int(line)
@@ -262,7 +300,7 @@ def report(result: dict[str, Any]) -> None:
             f"{values[kind]:12.0f} {values[kind] / off[kind] - 1:+6.1%}      " for kind in KINDS
         )
         print(f"  {name:12s}{cells}")
-    print("  (the gap between the two offs is this instrument's resolution)")
+    print("  (off is counted first and again last: the gap between the two is the resolution)")
     on, logs = counted["everything"]["instructions"], counted["access log"]["instructions"]
     print(
         "  by instructions alone, everything on serves "

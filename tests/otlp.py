@@ -114,11 +114,9 @@ def _value(value: object) -> object:
     return getattr(value, kind) if kind else None
 
 
-def records(
-    spans: Sequence[ReadableSpan], write_row: Callable[..., bytes] | None = None
-) -> list[bytes]:
+def records(spans: Sequence[ReadableSpan]) -> list[bytes]:
     """The records a worker's span processor queues for `spans`, through its real queue."""
-    queue = relay.span_queue(len(spans) + 1, len(spans) + 1, threading.Event(), write_row)
+    queue = relay.span_queue(len(spans) + 1, len(spans) + 1, threading.Event())
     for span in spans:
         queue.put(span)
     written, dropped = queue.take()

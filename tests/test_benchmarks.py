@@ -50,3 +50,5 @@ def test_the_instruction_count_counts_every_setting_under_callgrind():
     # instructions, and the telemetry's share shows.
     assert 100_000 < counted["off"]["instructions"] < 5_000_000
     assert counted["everything"]["instructions"] > counted["off"]["instructions"]
+    # Off, counted first and again last, agrees: no window leaks into the next.
+    assert abs(counted["off, again"]["instructions"] / counted["off"]["instructions"] - 1) < 0.03

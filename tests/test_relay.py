@@ -229,12 +229,15 @@ def test_what_the_worker_does_not_write_goes_as_a_row_and_arrives_the_same(
     spans = list(memory.get_finished_spans())
     # The processor's queue writes the rows through encode_row alone.
     through_rows: list[Any] = []
+    encode_row = relay.encode_row
 
-    def encode_row(span: Any) -> bytes:
+    def watched(span: Any) -> bytes:
         through_rows.append(span)
-        return relay.encode_row(span)
+        return encode_row(span)
 
-    written = records(spans, encode_row)
+    monkeypatch.setattr(relay, "encode_row", watched)
+    written = records(spans)
+    monkeypatch.setattr(relay, "encode_row", encode_row)
     assert [record[4:5] for record in written] == [b"J"] * len(rows) + [b"P"]
     assert through_rows == spans[:-1]
     assert written[:-1] == [relay.encode_row(span) for span in spans[:-1]]

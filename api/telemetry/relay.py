@@ -56,7 +56,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,21 +99,15 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-def span_queue(
-    max_queue: int,
-    batch: int,
-    wake: threading.Event,
-    write_row: Callable[[ReadableSpan | LeanSpan], bytes] | None = None,
-) -> SpanRows:
+def span_queue(max_queue: int, batch: int, wake: threading.Event) -> SpanRows:
     """The worker's span queue (api/telemetry/wire.pyx), writing each span's record as it
-    ends: as OTLP where it can, as its row (`write_row`, `encode_row` unless a test
-    watches it) otherwise, under the span limits the relay reads from the same
-    environment. `wake` is set when `batch` records wait."""
+    ends: as OTLP where it can, as its row (`encode_row`) otherwise, under the span limits
+    the relay reads from the same environment. `wake` is set when `batch` records wait."""
     return SpanRows(
         max_queue,
         batch,
         wake,
-        write_row or encode_row,
+        encode_row,
         encode_resource,
         encode_scope,
         SpanLimits(),
