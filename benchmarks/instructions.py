@@ -201,33 +201,34 @@ async def _drive(data: Path, redis_url: str, requests: int, marks: Any) -> None:
         if serving.done():  # the app did not start: uvicorn has said why
             raise RuntimeError("the app did not start")
         await asyncio.sleep(0.1)
+    if marks:  # without them, the native first step: the corpus is in the store now
+        await _count(app, server.config.port, requests, marks)
+    server.should_exit = True
+    await serving
+
+
+async def _count(app: Any, port: int, requests: int, marks: Any) -> None:
+    """Each setting's window, counted, with the requests sent by a client of its own."""
     # Not under valgrind: a new program is not followed (callgrind's --trace-children=no).
     client = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "benchmarks.instructions",
         "--client",
-        str(server.config.port),
+        str(port),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
     assert client.stdin is not None and client.stdout is not None
+    stdin, stdout = client.stdin, client.stdout
 
     async def send(count: int) -> None:
-        assert client.stdin is not None and client.stdout is not None
-        client.stdin.write(b"%d\n" % count)
-        await client.stdin.drain()
-        answer = await client.stdout.readline()
+        stdin.write(b"%d\n" % count)
+        await stdin.drain()
+        answer = await stdout.readline()
         if answer != b"done\n":
             raise RuntimeError(f"the client says {answer!r}")
 
-    configure = inprocess.switches(app)
-    if not marks:  # the native first step: the corpus is in the store now
-        client.stdin.close()
-        await client.wait()
-        server.should_exit = True
-        await serving
-        return
     from api.telemetry import flusher
 
     # A worker answering ~3,000 requests/s writes its queued lines and increments every
@@ -236,24 +237,25 @@ async def _drive(data: Path, redis_url: str, requests: int, marks: Any) -> None:
     # queue sends at 512 spans, as in a worker, and the rest is written at each window's
     # end (`settle`).
     flusher.TICK = 3600.0
-    for flags in ("lmt", ""):
-        configure(flags)
-        await send(WARM_UP // 2)
-    for name in ORDER:
-        configure(SETTINGS[name])
-        await send(80)
-        marks.mark_instrument()
-        await send(WARM_CACHES)
-        inprocess.settle()
-        gc.collect()
-        marks.mark_zero()
-        await send(requests)
-        inprocess.settle()
-        marks.mark_stop(name.encode())
-    client.stdin.close()
-    await client.wait()
-    server.should_exit = True
-    await serving
+    configure = inprocess.switches(app)
+    try:
+        for flags in ("lmt", ""):
+            configure(flags)
+            await send(WARM_UP // 2)
+        for name in ORDER:
+            configure(SETTINGS[name])
+            await send(80)
+            marks.mark_instrument()
+            await send(WARM_CACHES)
+            inprocess.settle()
+            gc.collect()
+            marks.mark_zero()
+            await send(requests)
+            inprocess.settle()
+            marks.mark_stop(name.encode())
+    finally:
+        stdin.close()
+        await client.wait()
 
 
 def _client(port: int) -> None:
