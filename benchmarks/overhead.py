@@ -12,8 +12,12 @@ Copies of the service side by side, one gunicorn worker each, the same corpus an
   the stricter baseline, and this one is printed beside it;
 - "off, again": a second "off", the control: how far two identical servers measure apart
   in this run is the resolution of every other figure.
-wrk drives them in rounds, in a new (seeded) order each round, so drift on the machine and
-whichever server ran just before hit all alike. The workers,
+wrk drives them in rounds of fresh processes. Within a round each server is loaded in
+several short slices, in a new (seeded) order each pass, so that drift on the machine (two
+4 s windows of the same server measured up to 15% apart on this VM) and whichever server
+ran just before hit all alike; each round then gives one paired figure per setting (its
+requests/s against "off" in the same round), and the rounds give its mean and a 95%
+confidence interval (Student's t), which is what a claim about the target rests on. The workers,
 every thread of them, run on the first CPU (one is loaded at a time; the others sleep)
 and everything else (wrk, Redis, the span relay, the gunicorn masters) on the rest: left
 to the scheduler, the worker under load shared its core with whatever woke next to it,
@@ -179,12 +183,36 @@ def _settings(endpoint: str) -> dict[str, dict[str, str]]:
     }
 
 
-def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[str, Any]:
+# Student's t, two-sided 95%, by degrees of freedom (beyond the table: the normal's).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """The mean of per-round figures and its 95% confidence interval (low, mean, high);
+    one round gives no interval (low = high = the mean)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
+    half = t * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half, mean, mean + half
+
+
+def paired(rates: dict[str, list[float]], name: str, base: str) -> tuple[float, float, float]:
+    """How many fewer requests/s `name` served than `base`, round by round, as a share
+    of `base`'s: its mean over the rounds and 95% confidence interval."""
+    return interval([1 - a / b for a, b in zip(rates[name], rates[base], strict=True)])
+
+
+def measure(
+    rounds: int = 6, seconds: float = 10, concurrency: int = 4, slices: int = 5
+) -> dict[str, Any]:
     figures = run(
         lambda endpoint: {name: (env, ROOT) for name, env in _settings(endpoint).items()},
         rounds,
         seconds,
         concurrency,
+        slices,
     )
     rates, busy = figures["rates"], figures["busy"]
     spent, relayed, served = figures["spent"], figures["relayed"], figures["served"]
@@ -202,6 +230,19 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
         "overhead_ids": 1 - mean["ids"] / mean["off"],
         "overhead_against_logs": 1 - mean["on"] / mean["logs"],
         "control": 1 - mean["off, again"] / mean["off"],
+        # Round by round, paired: (low, mean, high) of the 95% confidence interval.
+        "paired": {
+            "on": paired(rates, "on", "off"),
+            "on_against_logs": paired(rates, "on", "logs"),
+            "sampled": paired(rates, "sampled", "off"),
+            "control": paired(rates, "off, again", "off"),
+        },
+        "worker_us_added": interval(
+            [
+                (on - off) * 1e6
+                for on, off in zip(figures["cpu"]["on"], figures["cpu"]["off"], strict=True)
+            ]
+        ),
         # The worker's CPU over the wall time: near 1 means the worker, not the load
         # generator or the machine, set the pace.
         "worker_busy": {name: statistics.mean(values) for name, values in busy.items()},
@@ -214,6 +255,7 @@ def measure(rounds: int = 4, seconds: float = 10, concurrency: int = 4) -> dict[
         "relay_us_per_request": {name: relayed[name] / served[name] * 1e6 for name in configs},
         "rounds": rounds,
         "seconds": seconds,
+        "slices": slices,
         "concurrency": concurrency,
     }
 
@@ -227,11 +269,14 @@ def run(
     rounds: int,
     seconds: float,
     concurrency: int,
+    slices: int = 1,
 ) -> dict[str, Any]:
     """Each configuration (`configs_for(the OTLP sink's endpoint)`) served by one worker,
-    loaded by wrk in shuffled rounds: per configuration, each round's requests/s and the
-    worker's busy share, and over all rounds the worker's and the span relay's CPU seconds
-    and the requests served."""
+    loaded by wrk for `seconds` a round, in `slices` shuffled passes: per configuration,
+    each round's requests/s, worker busy share and worker CPU seconds per request, and over
+    all rounds the worker's and the span relay's CPU seconds and the requests served."""
+    if slices < 1 or seconds / slices < 1 or seconds % slices:
+        raise ValueError("wrk runs whole seconds: `seconds` must be a multiple of `slices`")
     everywhere = os.sched_getaffinity(0)
     cpus = sorted(everywhere)
     workers_cpu, others = {cpus[0]}, set(cpus[1:]) or {cpus[0]}
@@ -242,7 +287,7 @@ def run(
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     try:
         configs = configs_for(f"http://127.0.0.1:{sink.server_address[1]}")
-        return _run(configs, rounds, seconds, concurrency, everywhere, workers_cpu, others)
+        return _run(configs, rounds, seconds, slices, concurrency, everywhere, workers_cpu, others)
     finally:
         sink.shutdown()
         os.sched_setaffinity(0, everywhere)
@@ -252,6 +297,7 @@ def _run(  # noqa: PLR0917
     configs: dict[str, Config],
     rounds: int,
     seconds: float,
+    slices: int,
     concurrency: int,
     everywhere: set[int],
     workers_cpu: set[int],
@@ -260,6 +306,7 @@ def _run(  # noqa: PLR0917
     exporting = [name for name, (env, _) in configs.items() if _exports(env)]
     rates: dict[str, list[float]] = {name: [] for name in configs}
     busy: dict[str, list[float]] = {name: [] for name in configs}
+    cpu: dict[str, list[float]] = {name: [] for name in configs}  # per request, per round
     spent = dict.fromkeys(configs, 0.0)  # worker CPU seconds
     relayed = dict.fromkeys(configs, 0.0)  # span relay CPU seconds
     served = dict.fromkeys(configs, 0)  # requests
@@ -284,39 +331,55 @@ def _run(  # noqa: PLR0917
                     for name in exporting:
                         if relays[name] is None:
                             raise RuntimeError(f"no span relay found under the {name!r} server")
-                    # A new order every round: a server measured right after another runs
+                    before = {name: cpu_seconds(relay) for name, relay in relays.items() if relay}
+                    requests = dict.fromkeys(servers, 0)
+                    worked = dict.fromkeys(servers, 0.0)
+                    # A new order every pass: a server measured right after another runs
                     # with the same code already warm in the core's caches (a fixed
                     # rotation always put "off, again" after "off", which then measured
                     # 2-6% faster than "off" itself).
-                    for name in order.sample(list(servers), len(servers)):
-                        relay = relays[name]
-                        before = cpu_seconds(relay) if relay else 0.0
-                        worked = sum(cpu_seconds(pid) for pid in workers[name])
-                        url = f"{servers[name].base}/query"
-                        result = wrk(url, seconds, concurrency, QUESTION)
-                        worked = sum(cpu_seconds(pid) for pid in workers[name]) - worked
-                        assert result.errors == 0, result
-                        rates[name].append(result.rps)
-                        busy[name].append(worked / seconds)
-                        spent[name] += worked
-                        served[name] += result.requests
-                        if relay:
-                            # The workers send a batch every 5 s (OTEL_BSP_SCHEDULE_DELAY):
-                            # the window's last spans reach the relay after wrk is done.
-                            time.sleep(RELAY_SETTLE_S)
-                            relayed[name] += cpu_seconds(relay) - before
+                    for _ in range(slices):
+                        for name in order.sample(list(servers), len(servers)):
+                            start = sum(cpu_seconds(pid) for pid in workers[name])
+                            url = f"{servers[name].base}/query"
+                            result = wrk(url, seconds / slices, concurrency, QUESTION)
+                            worked[name] += sum(cpu_seconds(pid) for pid in workers[name]) - start
+                            assert result.errors == 0, result
+                            requests[name] += result.requests
+                    for name in servers:
+                        rates[name].append(requests[name] / seconds)
+                        busy[name].append(worked[name] / seconds)
+                        cpu[name].append(worked[name] / requests[name])
+                        spent[name] += worked[name]
+                        served[name] += requests[name]
+                    if before:
+                        # The workers send a batch every 5 s (OTEL_BSP_SCHEDULE_DELAY):
+                        # the round's last spans reach the relay after wrk is done.
+                        time.sleep(RELAY_SETTLE_S)
+                        for name, start in before.items():
+                            relay = relays[name]
+                            assert relay is not None
+                            relayed[name] += cpu_seconds(relay) - start
                 finally:
                     for server in servers.values():
                         server.stop()
         finally:
             redis_server.stop()
-    return {"rates": rates, "busy": busy, "spent": spent, "relayed": relayed, "served": served}
+    return {
+        "rates": rates,
+        "busy": busy,
+        "cpu": cpu,
+        "spent": spent,
+        "relayed": relayed,
+        "served": served,
+    }
 
 
 def report(result: dict[str, Any]) -> None:
     print(
         f"\ninstrumentation overhead, cached /query, 1 worker, {result['concurrency']:.0f} "
-        f"clients, {result['rounds']:.0f} shuffled rounds of {result['seconds']:.0f} s:"
+        f"clients, {result['rounds']:.0f} rounds of {result['seconds']:.0f} s a server "
+        f"in {result['slices']:.0f} shuffled slices:"
     )
     print(f"  everything on:  {result['on_rps']:7.1f} req/s")
     print(f"  everything off: {result['off_rps']:7.1f} req/s")
@@ -353,7 +416,23 @@ def report(result: dict[str, Any]) -> None:
     for name, label in (("on", "everything on"), ("sampled", "on, 10% traced")):
         total = cpu[name] + relay[name]
         print(f"    {label}: {total:.0f} µs, {1 - cpu['off'] / total:.1%} fewer requests/s")
-    print(f"target: <= 10% fewer requests/s: {result['overhead'] * 100:.1f}% fewer")
+    print("  paired round by round, mean [95% confidence interval]:")
+    labels = {
+        "on": "everything on, against off",
+        "on_against_logs": "everything on, against the access log alone",
+        "sampled": "on, 10% traced, against off",
+        "control": "off, again, against off (the control)",
+    }
+    for key, label in labels.items():
+        low, mean, high = result["paired"][key]
+        print(f"    {label}: {mean:.1%} fewer [{low:.1%}, {high:.1%}]")
+    low, mean, high = result["worker_us_added"]
+    print(f"    worker CPU added by everything on: {mean:+.1f} µs [{low:+.1f}, {high:+.1f}]")
+    low, mean, high = result["paired"]["on"]
+    print(
+        f"target: <= 10% fewer requests/s: {mean:.1%} fewer, 95% CI [{low:.1%}, {high:.1%}]"
+        f" ({'met' if high <= 0.10 else 'not met' if low > 0.10 else 'not resolved'})"
+    )
 
 
 if __name__ == "__main__":

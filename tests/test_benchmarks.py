@@ -5,15 +5,20 @@ the figures live in docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import components, instructions, overhead, stack, versus
 from benchmarks.inprocess import SETTINGS
 from tests.servers import ROOT
 
 
 def test_the_overhead_benchmark_measures_every_server_and_the_relay():
-    result = overhead.measure(rounds=1, seconds=1, concurrency=2)
+    result = overhead.measure(rounds=1, seconds=2, concurrency=2, slices=2)
     rates = ("on_rps", "sampled_rps", "ids_rps", "off_rps", "logs_rps", "off_again_rps")
     assert min(result[name] for name in rates) > 0
+    # Paired in the round: the share on lost against off is the rates' own.
+    low, mean, high = result["paired"]["on"]
+    assert low == mean == high == 1 - result["on_rps"] / result["off_rps"]
     relay = result["relay_us_per_request"]
     assert relay["on"] > 0  # the relay was found, and it did work
     # Only the exporting servers have a relay (a 1 s run at 10% may not cost it a tick).
@@ -54,3 +59,17 @@ def test_the_instruction_count_counts_every_setting_under_callgrind():
     assert counted["everything"]["instructions"] > counted["off"]["instructions"]
     # Off, counted first and again last, agrees: no window leaks into the next.
     assert abs(counted["off, again"]["instructions"] / counted["off"]["instructions"] - 1) < 0.03
+
+
+def test_the_overheads_interval_is_students_t_over_the_rounds():
+    low, mean, high = overhead.interval([0.1, 0.2, 0.3])
+    # Two degrees of freedom: t = 4.303; the standard error is 0.1 / sqrt(3).
+    assert mean == 0.2
+    assert abs((high - mean) - 4.303 * 0.1 / 3**0.5) < 1e-12
+    assert abs((mean - low) - (high - mean)) < 1e-12
+    assert overhead.interval([0.15]) == (0.15, 0.15, 0.15)
+
+
+def test_the_overhead_benchmark_refuses_slices_wrk_cannot_run():
+    with pytest.raises(ValueError, match="whole seconds"):
+        overhead.run(lambda endpoint: {}, rounds=1, seconds=5, concurrency=1, slices=2)
