@@ -334,6 +334,7 @@ def _run(  # noqa: PLR0917
                     before = {name: cpu_seconds(relay) for name, relay in relays.items() if relay}
                     requests = dict.fromkeys(servers, 0)
                     worked = dict.fromkeys(servers, 0.0)
+                    elapsed = dict.fromkeys(servers, 0.0)  # as wrk timed its slices
                     # A new order every pass: a server measured right after another runs
                     # with the same code already warm in the core's caches (a fixed
                     # rotation always put "off, again" after "off", which then measured
@@ -344,11 +345,12 @@ def _run(  # noqa: PLR0917
                             url = f"{servers[name].base}/query"
                             result = wrk(url, seconds / slices, concurrency, QUESTION)
                             worked[name] += sum(cpu_seconds(pid) for pid in workers[name]) - start
-                            assert result.errors == 0, result
+                            assert result.errors == 0 and result.requests > 0, result
                             requests[name] += result.requests
+                            elapsed[name] += result.requests / result.rps
                     for name in servers:
-                        rates[name].append(requests[name] / seconds)
-                        busy[name].append(worked[name] / seconds)
+                        rates[name].append(requests[name] / elapsed[name])
+                        busy[name].append(worked[name] / elapsed[name])
                         cpu[name].append(worked[name] / requests[name])
                         spent[name] += worked[name]
                         served[name] += requests[name]
