@@ -17,7 +17,10 @@ several short slices, in a new (seeded) order each pass, so that drift on the ma
 4 s windows of the same server measured up to 15% apart on this VM) and whichever server
 ran just before hit all alike; each round then gives one paired figure per setting (its
 requests/s against "off" in the same round), and the rounds give its mean and a 95%
-confidence interval (Student's t), which is what a claim about the target rests on. The workers,
+confidence interval (Student's t), which is what a claim about the target rests on. A
+slice's last spans reach the relay (and the relay's CPU) during the slices after it; the
+relay's CPU is counted per round, so it is all counted, but slices are not independent of
+each other in that. The workers,
 every thread of them, run on the first CPU (one is loaded at a time; the others sleep)
 and everything else (wrk, Redis, the span relay, the gunicorn masters) on the rest: left
 to the scheduler, the worker under load shared its core with whatever woke next to it,
@@ -183,8 +186,12 @@ def _settings(endpoint: str) -> dict[str, dict[str, str]]:
     }
 
 
-# Student's t, two-sided 95%, by degrees of freedom (beyond the table: the normal's).
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
+# Student's t, two-sided 95%, by degrees of freedom, 1 to 30 (beyond: 2.0, a little wide).
+_T95 = (
+    *(12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228),
+    *(2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086),
+    *(2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
+)
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -193,7 +200,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, mean, mean
-    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
+    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 2.0
     half = t * statistics.stdev(values) / len(values) ** 0.5
     return mean - half, mean, mean + half
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import logging
 import os
 import random
@@ -22,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
@@ -487,7 +488,7 @@ def test_the_queue_writes_each_batch_into_a_frame_and_writes_the_next_over_a_sen
         tracer.start_span(f"span {number}", attributes={"n": number}).end()
     spans = list(memory.get_finished_spans())
     resource = relay.encode_resource(spans[0].resource)
-    one_by_one = records(spans)  # each span through a queue of its own
+    one_by_one = records(spans)  # the records alone, as tests/otlp.py reads them
     wake = threading.Event()
     queue = relay.span_queue(8, 3, wake)
     for span in spans[:7]:
@@ -517,6 +518,48 @@ def test_the_queue_writes_each_batch_into_a_frame_and_writes_the_next_over_a_sen
     frames, dropped = queue.take()
     assert dropped == 1
     assert sum(taken.records for taken in frames) == 8
+
+
+class _Queued(SpanProcessor):
+    def __init__(self, queue: Any) -> None:
+        self.on_end = queue.put  # type: ignore[method-assign]
+
+
+def test_a_span_ended_by_a_finaliser_in_the_middle_of_a_write_keeps_both_records():
+    """Making an exception can start a collection, and a finaliser it runs can end
+    another span, whose record the queue writes at once. A span that turns out to need
+    its row (a text that is not Unicode) finds that out before it writes a byte, so the
+    two records never mix."""
+    queue = relay.span_queue(10, 10, threading.Event())
+    provider = LeanTracerProvider(Resource.create({"service.name": "t"}), TracerProvider().sampler)
+    provider.add_span_processor(_Queued(queue))
+    tracer = provider.get_tracer("api")
+    tracer.start_span("first").end()  # the frame's head and the scope, made beforehand
+    inner = tracer.start_span("ended by a finaliser", attributes={"n": 1})
+    outer = tracer.start_span("odd", attributes={"ok": "a", "bad": "caf\udce9"})
+
+    class Garbage:
+        def __del__(self) -> None:
+            inner.end()
+
+    gc.collect()
+    cycle = Garbage()
+    cycle.itself = cycle  # type: ignore[attr-defined]
+    del cycle
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # the next object the collector tracks starts a collection
+    try:
+        outer.end()
+    finally:
+        gc.set_threshold(*threshold)
+    assert isinstance(inner, LeanSpan) and inner.end_time is not None  # it ran in between
+    (whole,), dropped = queue.take()
+    assert dropped == 0 and whole.records == 3
+    sent = ExportTraceServiceRequest.FromString(relay.to_otlp(bytes(whole)[4:]))
+    spans = {span.name: span for span in sent.resource_spans[0].scope_spans[0].spans}
+    assert set(spans) == {"first", "odd", "ended by a finaliser"}
+    assert [a.key for a in spans["odd"].attributes] == ["ok"]  # the bad key lost, alone
+    assert spans["ended by a finaliser"].attributes[0].value.int_value == 1
 
 
 class _RecordOnly(Sampler):

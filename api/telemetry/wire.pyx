@@ -1,6 +1,6 @@
 # cython: language_level=3
 """The worker's side of the span relay's wire (api/telemetry/relay.py): each span written
-as it ends, and queued as bytes for the sender thread.
+as it ends into the frame of its batch, which the sender thread sends.
 
 Our own spans (LeanSpan) are written here, in C, as the OTLP `Span` message the relay
 would have written for them (api/telemetry/otlp.py; the tests compare the bytes), so the
@@ -148,25 +148,14 @@ cdef inline void _fixed(Out* out, uint64_t value, int size) noexcept:
         value >>= 8
 
 
-cdef inline bint _id(Out* out, object value, size_t size) noexcept:
-    """An id's `size` bytes (16 or 8), most significant first; False if it is not an int
-    (or, for 16 bytes, one that does not fit; 8 bytes are masked, as hex64 writes them)."""
-    cdef uint64_t low
+cdef inline void _id8(Out* out, object value) noexcept:
+    """An 8-byte id, most significant first, from an int (checked by the caller): masked,
+    as hex64 writes it, which cannot fail and is a few dozen instructions where the
+    general conversion is a few hundred."""
+    cdef uint64_t low = PyLong_AsUnsignedLongLongMask(value)
     cdef int shift
-    if not PyLong_Check(<PyObject*>value):
-        return False
-    if size == 16:  # CPython's own conversion (int.to_bytes)
-        if wire_id_bytes(<PyObject*>value, <unsigned char*>(out.data + out.length), 16) < 0:
-            PyErr_Clear()
-            return False
-        out.length += 16
-        return True
-    # 8 bytes: the mask (which cannot fail on an int) is a few dozen instructions, the
-    # general conversion a few hundred.
-    low = PyLong_AsUnsignedLongLongMask(value)
     for shift in range(56, -8, -8):
         _byte(out, (low >> shift) & 0xFF)
-    return True
 
 
 cdef inline void _u32(Out* out, Py_ssize_t at, Py_ssize_t value) noexcept:
@@ -179,7 +168,9 @@ cdef inline void _u32(Out* out, Py_ssize_t at, Py_ssize_t value) noexcept:
 
 cdef bint _attribute(Out* out, PyObject* key, PyObject* value, Py_ssize_t max_length) noexcept:
     """A KeyValue under Span.attributes (field 9), as otlp._key_value writes it; False for
-    one this writer leaves to the row."""
+    one this writer leaves to the row. With `out` NULL, only whether it can be written:
+    once that said True, writing it makes no object (the texts' UTF-8 is cached), so it
+    cannot start a collection, and fails only if memory runs out."""
     cdef Py_ssize_t key_size, text_size = 0, value_size
     cdef const char* text = NULL
     cdef long long number = 0
@@ -220,6 +211,8 @@ cdef bint _attribute(Out* out, PyObject* key, PyObject* value, Py_ssize_t max_le
         value_size = 9
     else:
         return False
+    if out == NULL:
+        return True
     cdef Py_ssize_t pair_size = (
         1 + _varint_size(key_size) + key_size + 1 + _varint_size(value_size) + value_size
     )
@@ -317,9 +310,25 @@ cdef bint _write_span(
             PyErr_Clear()
             return False
 
-    # Only now the frame: the reads above may run Python code (a trace state's header; a
-    # collection whose finaliser ends another span), which may fill the frame being
-    # written and hand it to the sender. From here on no Python code runs.
+    cdef unsigned char trace_bytes[16]
+    if not PyLong_Check(<PyObject*>trace_id) or not PyLong_Check(<PyObject*>span_id) or (
+        parent_id is not None and not PyLong_Check(<PyObject*>parent_id)
+    ):
+        return False
+    if wire_id_bytes(<PyObject*>trace_id, trace_bytes, 16) < 0:  # CPython's int.to_bytes
+        PyErr_Clear()
+        return False
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    while PyDict_Next(attributes, &pos, &key, &value):
+        if not _attribute(NULL, key, value, max_length):
+            return False
+
+    # Only now the frame. Everything above may make objects, and so start a collection
+    # whose finaliser ends another span; that span's record goes into the frame at once,
+    # and may fill it and hand it to the sender. From here on nothing makes an object
+    # and nothing can fail but memory, so two records never mix.
     cdef Frame frame = rows._frame()
     cdef Out* out = &frame.out
     cdef Py_ssize_t begun = out.length
@@ -329,9 +338,7 @@ cdef bint _write_span(
         status_size += 1 + _varint_size(description_size) + description_size
     if code:
         status_size += 1 + _varint_size(code)
-    cdef Py_ssize_t pos = 0
-    cdef PyObject* key
-    cdef PyObject* value
+    pos = 0
     # Every fixed field, and the lengths' varints at their longest (10 bytes).
     if not _room(out, 128 + scope_size + name_size + header_size):
         return False
@@ -339,22 +346,16 @@ cdef bint _write_span(
     _bytes(out, PyBytes_AS_STRING(scope), scope_size)
     _byte(out, 0x0A)
     _byte(out, 16)
-    if not _id(out, trace_id, 16):
-        out.length = begun
-        return False
+    _bytes(out, <const char*>trace_bytes, 16)
     _byte(out, 0x12)
     _byte(out, 8)
-    if not _id(out, span_id, 8):
-        out.length = begun
-        return False
+    _id8(out, span_id)
     if header_size:
         _text(out, 0x1A, header_text, header_size)
     if parent_id is not None:
         _byte(out, 0x22)
         _byte(out, 8)
-        if not _id(out, parent_id, 8):
-            out.length = begun
-            return False
+        _id8(out, parent_id)
     _text(out, 0x2A, name_text, name_size)
     _byte(out, 0x30)
     _varint(out, kind)
@@ -363,7 +364,7 @@ cdef bint _write_span(
     _byte(out, 0x41)
     _fixed(out, <uint64_t>end_ns, 8)
     while PyDict_Next(attributes, &pos, &key, &value):
-        if not _attribute(out, key, value, max_length):
+        if not _attribute(out, key, value, max_length):  # memory only, now
             out.length = begun
             return False
     if not _room(out, 64 + description_size):
@@ -525,7 +526,9 @@ cdef class SpanRows:
         cdef Frame frame = self._current
         if frame is not None:
             return frame
-        frame = self._spare.pop() if self._spare else Frame.__new__(Frame)
+        frame = self._spare.pop() if self._spare else None
+        if frame is None or frame.exports:  # one still read is never written over
+            frame = Frame.__new__(Frame)
         frame.out.length = 0
         frame.records = 0
         cdef Py_ssize_t head = PyBytes_GET_SIZE(self.resource)
