@@ -114,50 +114,20 @@ def _value(value: object) -> object:
     return getattr(value, kind) if kind else None
 
 
-def frame(resource: bytes, records: Sequence[bytes]) -> bytes:
-    """A frame as the relay reads it (api/telemetry/relay.py), made of any records: the
-    worker's own frames come from its queue (`relay_frame`)."""
-    body = resource + b"".join(records)
-    return len(body).to_bytes(4, "big") + body
-
-
-def _split(whole: bytes, resource: bytes) -> list[bytes]:
-    assert int.from_bytes(whole[:4], "big") == len(whole) - 4
-    assert whole[4 : 4 + len(resource)] == resource
-    at, found = 4 + len(resource), []
-    while at < len(whole):
-        end = at + 4 + int.from_bytes(whole[at : at + 4], "big")
-        found.append(whole[at:end])
-        at = end
-    assert at == len(whole)
-    return found
-
-
-def _queued(spans: Sequence[ReadableSpan]) -> list[bytes]:
+def records(spans: Sequence[ReadableSpan]) -> list[bytes]:
+    """The records a worker's span processor queues for `spans`, through its real queue."""
     queue = relay.span_queue(len(spans) + 1, len(spans) + 1, threading.Event())
     for span in spans:
         queue.put(span)
-    frames, dropped = queue.take()
-    assert dropped == 0
-    return [bytes(taken) for taken in frames]
-
-
-def records(spans: Sequence[ReadableSpan]) -> list[bytes]:
-    """The records a worker's span processor queues for `spans`, through its real queue,
-    one by one as its frame holds them."""
-    resource = relay.encode_resource(spans[0].resource if spans else None)
-    written = [record for whole in _queued(spans) for record in _split(whole, resource)]
-    assert len(written) == len(spans)
+    written, dropped = queue.take()
+    assert dropped == 0 and len(written) == len(spans)
     return written
 
 
 def relay_frame(spans: Sequence[ReadableSpan]) -> bytes:
-    """The frame a worker's span processor sends the relay for `spans` (one resource, one
-    batch), as its queue wrote it."""
-    if not spans:
-        return frame(relay.encode_resource(None), [])
-    (whole,) = _queued(spans)
-    return whole
+    """The frame a worker's span processor sends the relay for `spans` (one resource)."""
+    resource = relay.encode_resource(spans[0].resource if spans else None)
+    return relay.frame(resource, records(spans))
 
 
 def relayed(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:

@@ -34,7 +34,7 @@ from opentelemetry.util.types import AnyValue
 from api.telemetry import otlp, relay
 from api.telemetry.otlp import BYTES_TAG
 from api.telemetry.spans import LeanSpan, LeanTracerProvider
-from tests.otlp import OtlpReceiver, frame, records, relay_frame, relayed, same
+from tests.otlp import OtlpReceiver, records, relay_frame, relayed, same
 from tests.servers import ApiServer, wait_until
 
 
@@ -78,9 +78,9 @@ def _spans(lean: bool = False) -> list[ReadableSpan]:
 
 def test_the_relay_sends_exactly_the_otlp_the_sdk_would():
     spans = _spans()
-    whole = relay_frame(spans)
-    assert int.from_bytes(whole[:4], "big") == len(whole) - 4
-    sent = ExportTraceServiceRequest.FromString(relay.to_otlp(whole[4:]))
+    frame = relay_frame(spans)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    sent = ExportTraceServiceRequest.FromString(relay.to_otlp(frame[4:]))
     assert same(sent, encode_spans(spans))
     server = sent.resource_spans[0].scope_spans[0].spans[1]
     assert server.name == "POST /query" and server.flags & 0x200  # its parent is remote
@@ -120,8 +120,8 @@ def _lean_provider() -> tuple[LeanTracerProvider, InMemorySpanExporter]:
 
 
 def _relayed(written: list[bytes], spans: list[Any]) -> ExportTraceServiceRequest:
-    whole = frame(relay.encode_resource(spans[0].resource), written)
-    return ExportTraceServiceRequest.FromString(relay.to_otlp(whole[4:]))
+    frame = relay.frame(relay.encode_resource(spans[0].resource), written)
+    return ExportTraceServiceRequest.FromString(relay.to_otlp(frame[4:]))
 
 
 # Attribute values the worker writes itself: every kind, the edges of int64, text that
@@ -269,7 +269,7 @@ def test_what_the_worker_does_not_write_goes_as_a_row_and_arrives_the_same(
 def test_a_frame_that_is_cut_short_or_unknown_is_refused():
     spans = list(_spans(lean=True))
     written = records(spans)
-    whole = frame(relay.encode_resource(spans[0].resource), written)[4:]
+    whole = relay.frame(relay.encode_resource(spans[0].resource), written)[4:]
     assert relay.to_otlp(whole)
     with pytest.raises(ValueError, match="runs past"):
         relay.to_otlp(whole[:-1])
@@ -285,7 +285,7 @@ def test_a_frame_that_is_cut_short_or_unknown_is_refused():
     too_long = one[:5] + (scope_size + len(one)).to_bytes(4, "big") + one[9:]
     head = relay.encode_resource(spans[0].resource)
     with pytest.raises(ValueError, match="scope runs past"):
-        relay.to_otlp(frame(head, [too_long, *written])[4:])
+        relay.to_otlp(relay.frame(head, [too_long, *written])[4:])
 
 
 def test_spans_cross_the_relay_process_to_a_collector_and_a_dead_relay_drops_them(
@@ -327,7 +327,7 @@ def test_a_frame_the_relay_cannot_write_costs_that_frame_only(monkeypatch: pytes
     good = relay_frame(spans)
     row = relay._row(spans[0])
     row[8] += 0.5  # the start time
-    bad = frame(relay.encode_resource(spans[0].resource), [_record(b"J" + relay._dumps(row))])
+    bad = relay.frame(relay.encode_resource(spans[0].resource), [_record(b"J" + relay._dumps(row))])
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(process.path)
@@ -388,7 +388,7 @@ def test_a_hung_collector_costs_frames_not_threads_or_memory(
     monkeypatch.setenv(relay.MAX_QUEUED_ENV, str(4 * 1024 * 1024))
     spans = _spans()
     resource = relay.encode_resource(spans[0].resource)
-    big = frame(resource, records(spans[:1]) * 3000)  # ~1.3 MB
+    big = relay.frame(resource, records(spans[:1]) * 3000)  # ~1.3 MB
     assert len(big) > 1024 * 1024
     process = relay.Relay()
     try:
@@ -478,48 +478,6 @@ def test_a_full_batch_goes_at_once_and_a_full_queue_drops(
         receiver.stop()
 
 
-def test_the_queue_writes_each_batch_into_a_frame_and_writes_the_next_over_a_sent_one():
-    """Records go straight into their batch's frame, which the sender sends as it is and
-    gives back; the next batch is written over the same memory, and a frame that is still
-    being read is never written over."""
-    provider, memory = _lean_provider()
-    tracer = provider.get_tracer("api")
-    for number in range(9):
-        tracer.start_span(f"span {number}", attributes={"n": number}).end()
-    spans = list(memory.get_finished_spans())
-    resource = relay.encode_resource(spans[0].resource)
-    one_by_one = records(spans)  # the records alone, as tests/otlp.py reads them
-    wake = threading.Event()
-    queue = relay.span_queue(8, 3, wake)
-    for span in spans[:7]:
-        queue.put(span)
-    assert wake.is_set()  # a batch filled
-    frames, dropped = queue.take()
-    assert dropped == 0
-    assert [taken.records for taken in frames] == [3, 3, 1]
-    assert [bytes(taken) for taken in frames] == [
-        frame(resource, one_by_one[0:3]),
-        frame(resource, one_by_one[3:6]),
-        frame(resource, one_by_one[6:7]),
-    ]
-    reading = memoryview(frames[2])  # a send still under way
-    queue.give_back(frames[0])
-    queue.give_back(frames[2])
-    queue.put(spans[7])
-    (again,), _ = queue.take()
-    assert again is frames[0]  # not frames[2], given back later but still read
-    assert bytes(again) == frame(resource, one_by_one[7:8])  # nothing left of before
-    assert bytes(reading[:4]) == bytes(frame(resource, one_by_one[6:7])[:4])
-    reading.release()
-    # Full: 8 records wait, so the ninth is dropped, counted, and the rest kept.
-    for span in spans[:8]:
-        queue.put(span)
-    queue.put(spans[8])
-    frames, dropped = queue.take()
-    assert dropped == 1
-    assert sum(taken.records for taken in frames) == 8
-
-
 class _Queued(SpanProcessor):
     def __init__(self, queue: Any) -> None:
         self.on_end = queue.put  # type: ignore[method-assign]
@@ -527,9 +485,9 @@ class _Queued(SpanProcessor):
 
 def test_a_span_ended_by_a_finaliser_in_the_middle_of_a_write_keeps_both_records():
     """Making an exception can start a collection, and a finaliser it runs can end
-    another span, whose record the queue writes at once. A span that turns out to need
-    its row (a text that is not Unicode) finds that out before it writes a byte, so the
-    two records never mix."""
+    another span, whose record the queue writes at once. The writer of the span that
+    turns out to need its row (a text that is not Unicode) writes into a buffer of its
+    own, so the two records never mix."""
     queue = relay.span_queue(10, 10, threading.Event())
     provider = LeanTracerProvider(Resource.create({"service.name": "t"}), TracerProvider().sampler)
     provider.add_span_processor(_Queued(queue))
@@ -553,9 +511,9 @@ def test_a_span_ended_by_a_finaliser_in_the_middle_of_a_write_keeps_both_records
     finally:
         gc.set_threshold(*threshold)
     assert isinstance(inner, LeanSpan) and inner.end_time is not None  # it ran in between
-    (whole,), dropped = queue.take()
-    assert dropped == 0 and whole.records == 3
-    sent = ExportTraceServiceRequest.FromString(relay.to_otlp(bytes(whole)[4:]))
+    written, dropped = queue.take()
+    assert dropped == 0 and len(written) == 3
+    sent = _relayed(written, [outer])
     spans = {span.name: span for span in sent.resource_spans[0].scope_spans[0].spans}
     assert set(spans) == {"first", "odd", "ended by a finaliser"}
     assert [a.key for a in spans["odd"].attributes] == ["ok"]  # the bad key lost, alone

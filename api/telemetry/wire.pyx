@@ -1,6 +1,6 @@
 # cython: language_level=3
 """The worker's side of the span relay's wire (api/telemetry/relay.py): each span written
-as it ends into the frame of its batch, which the sender thread sends.
+as it ends, and queued as bytes for the sender thread.
 
 Our own spans (LeanSpan) are written here, in C, as the OTLP `Span` message the relay
 would have written for them (api/telemetry/otlp.py; the tests compare the bytes), so the
@@ -17,15 +17,12 @@ here a span they would change is not written at all, so what arrives is the same
 way (the tests compare the two writers' bytes, NaN and infinities included).
 
 The fields that take a Python call to read (the trace state, the status, the scope) are
-read before the frame is even looked up: a collection one of them started, whose
-finaliser ended another span, finishes that span's record before this one's begins, and
-two spans' bytes never mix. Records go straight into the frame of their batch (`Frame`),
-which the sender writes to the socket as it is and gives back to be written again.
+read before any byte is written, and the bytes go into a buffer of the call's own: only
+a failure path makes an exception object, and a collection it started that ran a
+finaliser which ended another span could not mix two spans' bytes.
 """
 
-cimport cython
-from cpython.buffer cimport PyBuffer_FillInfo
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next, PyDict_Size
 from cpython.exc cimport PyErr_Clear
 from cpython.float cimport PyFloat_AS_DOUBLE
@@ -82,9 +79,7 @@ cdef tuple _KINDS = tuple(sorted(SpanKind, key=lambda kind: kind.value))
 cdef enum:
     HAS_REMOTE = 0x100
     PARENT_IS_REMOTE = 0x200
-    # A frame bigger than this is freed once sent rather than kept for the next batch
-    # (a batch of 512 ordinary spans is ~130 KB).
-    KEPT_FRAME = 1 << 20
+    ON_STACK = 1024  # most spans fit: a few hundred bytes
 
 
 cdef struct Out:
@@ -148,14 +143,25 @@ cdef inline void _fixed(Out* out, uint64_t value, int size) noexcept:
         value >>= 8
 
 
-cdef inline void _id8(Out* out, object value) noexcept:
-    """An 8-byte id, most significant first, from an int (checked by the caller): masked,
-    as hex64 writes it, which cannot fail and is a few dozen instructions where the
-    general conversion is a few hundred."""
-    cdef uint64_t low = PyLong_AsUnsignedLongLongMask(value)
+cdef inline bint _id(Out* out, object value, size_t size) noexcept:
+    """An id's `size` bytes (16 or 8), most significant first; False if it is not an int
+    (or, for 16 bytes, one that does not fit; 8 bytes are masked, as hex64 writes them)."""
+    cdef uint64_t low
     cdef int shift
+    if not PyLong_Check(<PyObject*>value):
+        return False
+    if size == 16:  # CPython's own conversion (int.to_bytes)
+        if wire_id_bytes(<PyObject*>value, <unsigned char*>(out.data + out.length), 16) < 0:
+            PyErr_Clear()
+            return False
+        out.length += 16
+        return True
+    # 8 bytes: the mask (which cannot fail on an int) is a few dozen instructions, the
+    # general conversion a few hundred.
+    low = PyLong_AsUnsignedLongLongMask(value)
     for shift in range(56, -8, -8):
         _byte(out, (low >> shift) & 0xFF)
+    return True
 
 
 cdef inline void _u32(Out* out, Py_ssize_t at, Py_ssize_t value) noexcept:
@@ -168,9 +174,7 @@ cdef inline void _u32(Out* out, Py_ssize_t at, Py_ssize_t value) noexcept:
 
 cdef bint _attribute(Out* out, PyObject* key, PyObject* value, Py_ssize_t max_length) noexcept:
     """A KeyValue under Span.attributes (field 9), as otlp._key_value writes it; False for
-    one this writer leaves to the row. With `out` NULL, only whether it can be written:
-    once that said True, writing it makes no object (the texts' UTF-8 is cached), so it
-    cannot start a collection, and fails only if memory runs out."""
+    one this writer leaves to the row."""
     cdef Py_ssize_t key_size, text_size = 0, value_size
     cdef const char* text = NULL
     cdef long long number = 0
@@ -211,8 +215,6 @@ cdef bint _attribute(Out* out, PyObject* key, PyObject* value, Py_ssize_t max_le
         value_size = 9
     else:
         return False
-    if out == NULL:
-        return True
     cdef Py_ssize_t pair_size = (
         1 + _varint_size(key_size) + key_size + 1 + _varint_size(value_size) + value_size
     )
@@ -238,34 +240,33 @@ cdef bint _attribute(Out* out, PyObject* key, PyObject* value, Py_ssize_t max_le
     return True
 
 
-cdef bint _write_span(
-    SpanRows rows, LeanSpan span, bytes scope, Py_ssize_t max_attributes, Py_ssize_t max_length
-) except -1:
-    """The span's relay record (api/telemetry/relay.py), appended to the frame `rows` is
-    writing: a 4-byte big-endian length, "P", the scope's length and JSON row, and the
-    OTLP Span message. False, with the frame as it was, to leave the span to the row.
-    `max_attributes`, `max_length`: the span limits, -1 for none."""
+cdef object _span_record(
+    LeanSpan span, bytes scope, Py_ssize_t max_attributes, Py_ssize_t max_length
+):
+    """The span's relay record (api/telemetry/relay.py): a 4-byte big-endian length, "P",
+    the scope's length and JSON row, and the OTLP Span message; None to leave it to the
+    row. `max_attributes`, `max_length`: the span limits, -1 for none."""
     if scope is None:
         raise TypeError("a span's scope must be bytes")
     if span.events or span.links:
-        return False
+        return None
     attributes = span.attributes
     if type(attributes) is not dict:
-        return False
+        return None
     if max_attributes >= 0 and PyDict_Size(attributes) > max_attributes:
-        return False
+        return None
     name = span.name
     if not PyUnicode_Check(<PyObject*>name):
-        return False
+        return None
     start = span.start_time
     end = span.end_time
     if not PyLong_Check(<PyObject*>start) or not PyLong_Check(<PyObject*>end):
-        return False
+        return None
     cdef int overflow_start = 0, overflow_end = 0
     cdef long long start_ns = PyLong_AsLongLongAndOverflow(start, &overflow_start)
     cdef long long end_ns = PyLong_AsLongLongAndOverflow(end, &overflow_end)
     if overflow_start or overflow_end or start_ns < 0 or end_ns < 0:
-        return False
+        return None
     cdef long kind = -1
     cdef Py_ssize_t i
     for i in range(len(_KINDS)):
@@ -273,7 +274,7 @@ cdef bint _write_span(
             kind = i + 1
             break
     if kind < 0:
-        return False
+        return None
     # What takes Python calls to read, read before any byte is written.
     context = span.context
     parent = span.parent
@@ -288,7 +289,7 @@ cdef bint _write_span(
     if not PyUnicode_Check(<PyObject*>header) or (
         description is not None and not PyUnicode_Check(<PyObject*>description)
     ):
-        return False
+        return None
     trace_id = field(context, TRACE_ID)
     span_id = field(context, SPAN_ID)
     parent_id = None if parent is None else field(parent, SPAN_ID)
@@ -299,91 +300,81 @@ cdef bint _write_span(
     cdef const char* name_text = _utf8(<PyObject*>name, &name_size)
     if name_text == NULL:
         PyErr_Clear()
-        return False
+        return None
     cdef const char* header_text = _utf8(<PyObject*>header, &header_size)
     if header_text == NULL:
         PyErr_Clear()
-        return False
+        return None
     if description is not None:
         description_text = _utf8(<PyObject*>description, &description_size)
         if description_text == NULL:
             PyErr_Clear()
-            return False
+            return None
 
-    cdef unsigned char trace_bytes[16]
-    if not PyLong_Check(<PyObject*>trace_id) or not PyLong_Check(<PyObject*>span_id) or (
-        parent_id is not None and not PyLong_Check(<PyObject*>parent_id)
-    ):
-        return False
-    if wire_id_bytes(<PyObject*>trace_id, trace_bytes, 16) < 0:  # CPython's int.to_bytes
-        PyErr_Clear()
-        return False
-    cdef Py_ssize_t pos = 0
-    cdef PyObject* key
-    cdef PyObject* value
-    while PyDict_Next(attributes, &pos, &key, &value):
-        if not _attribute(NULL, key, value, max_length):
-            return False
-
-    # Only now the frame. Everything above may make objects, and so start a collection
-    # whose finaliser ends another span; that span's record goes into the frame at once,
-    # and may fill it and hand it to the sender. From here on nothing makes an object
-    # and nothing can fail but memory, so two records never mix.
-    cdef Frame frame = rows._frame()
-    cdef Out* out = &frame.out
-    cdef Py_ssize_t begun = out.length
+    cdef char on_stack[ON_STACK]
+    cdef Out out
+    out.data = on_stack
+    out.length = 0
+    out.capacity = ON_STACK
+    out.heap = NULL
     cdef Py_ssize_t scope_size = PyBytes_GET_SIZE(scope)
     cdef Py_ssize_t status_size = 0
     if description_size:
         status_size += 1 + _varint_size(description_size) + description_size
     if code:
         status_size += 1 + _varint_size(code)
-    pos = 0
-    # Every fixed field, and the lengths' varints at their longest (10 bytes).
-    if not _room(out, 128 + scope_size + name_size + header_size):
-        return False
-    out.length += 9  # the record's length, "P", the scope's length: written last
-    _bytes(out, PyBytes_AS_STRING(scope), scope_size)
-    _byte(out, 0x0A)
-    _byte(out, 16)
-    _bytes(out, <const char*>trace_bytes, 16)
-    _byte(out, 0x12)
-    _byte(out, 8)
-    _id8(out, span_id)
-    if header_size:
-        _text(out, 0x1A, header_text, header_size)
-    if parent_id is not None:
-        _byte(out, 0x22)
-        _byte(out, 8)
-        _id8(out, parent_id)
-    _text(out, 0x2A, name_text, name_size)
-    _byte(out, 0x30)
-    _varint(out, kind)
-    _byte(out, 0x39)
-    _fixed(out, <uint64_t>start_ns, 8)
-    _byte(out, 0x41)
-    _fixed(out, <uint64_t>end_ns, 8)
-    while PyDict_Next(attributes, &pos, &key, &value):
-        if not _attribute(out, key, value, max_length):  # memory only, now
-            out.length = begun
-            return False
-    if not _room(out, 64 + description_size):
-        out.length = begun
-        return False
-    _byte(out, 0x7A)
-    _varint(out, status_size)
-    if description_size:
-        _text(out, 0x12, description_text, description_size)
-    if code:
-        _byte(out, 0x18)
-        _varint(out, code)
-    _byte(out, 0x85)  # field 16, fixed32
-    _byte(out, 0x01)
-    _fixed(out, HAS_REMOTE | (PARENT_IS_REMOTE if remote else 0), 4)
-    _u32(out, begun, out.length - begun - 4)
-    out.data[begun + 4] = b"P"
-    _u32(out, begun + 5, scope_size)
-    return True
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    try:
+        # Every fixed field, and the lengths' varints at their longest (10 bytes).
+        if not _room(&out, 128 + scope_size + name_size + header_size):
+            return None
+        out.length = 9  # the record's length, "P", the scope's length: written last
+        _bytes(&out, PyBytes_AS_STRING(scope), scope_size)
+        _byte(&out, 0x0A)
+        _byte(&out, 16)
+        if not _id(&out, trace_id, 16):
+            return None
+        _byte(&out, 0x12)
+        _byte(&out, 8)
+        if not _id(&out, span_id, 8):
+            return None
+        if header_size:
+            _text(&out, 0x1A, header_text, header_size)
+        if parent_id is not None:
+            _byte(&out, 0x22)
+            _byte(&out, 8)
+            if not _id(&out, parent_id, 8):
+                return None
+        _text(&out, 0x2A, name_text, name_size)
+        _byte(&out, 0x30)
+        _varint(&out, kind)
+        _byte(&out, 0x39)
+        _fixed(&out, <uint64_t>start_ns, 8)
+        _byte(&out, 0x41)
+        _fixed(&out, <uint64_t>end_ns, 8)
+        while PyDict_Next(attributes, &pos, &key, &value):
+            if not _attribute(&out, key, value, max_length):
+                return None
+        if not _room(&out, 64 + description_size):
+            return None
+        _byte(&out, 0x7A)
+        _varint(&out, status_size)
+        if description_size:
+            _text(&out, 0x12, description_text, description_size)
+        if code:
+            _byte(&out, 0x18)
+            _varint(&out, code)
+        _byte(&out, 0x85)  # field 16, fixed32
+        _byte(&out, 0x01)
+        _fixed(&out, HAS_REMOTE | (PARENT_IS_REMOTE if remote else 0), 4)
+        _u32(&out, 0, out.length - 4)
+        out.data[4] = b"P"
+        _u32(&out, 5, scope_size)
+        return PyBytes_FromStringAndSize(out.data, out.length)
+    finally:
+        PyMem_Free(out.heap)
 
 
 cdef Py_ssize_t _limit(value) except? -2:
@@ -391,44 +382,13 @@ cdef Py_ssize_t _limit(value) except? -2:
     return -1 if value is None else value
 
 
-@cython.final
-cdef class Frame:
-    """A batch of span records as the relay reads it: a 4-byte big-endian length, the
-    resource head, the records. Written in place as spans end; the sender writes it to
-    the socket as it is (the buffer protocol, no copy) and gives it back to its queue,
-    which writes the next batch over the same memory. A frame per batch, or a bytes object
-    per span joined into one, put a ~130 KB allocation and two cold copies on the worker
-    every few hundred requests, and the allocator's reuse of that memory made the
-    response's own buffers miss the cache (docs/BENCHMARKS.md, session 14)."""
-
-    cdef Out out
-    cdef readonly Py_ssize_t records
-    cdef int exports
-
-    def __dealloc__(self):
-        PyMem_Free(self.out.heap)
-
-    def __len__(self):
-        return self.out.length
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        PyBuffer_FillInfo(view, self, self.out.data, self.out.length, 1, flags)
-        self.exports += 1
-
-    def __releasebuffer__(self, Py_buffer* view):
-        self.exports -= 1
-
-
 cdef class SpanRows:
     """The span relay processor's queue (api/telemetry/relay.py): each span's record
-    written as it ends into the frame of its batch, frames kept until the sender thread
-    takes them. `put` runs under the GIL and calls no Python code between reading the
-    queue and changing it, so the sender's `take` and `give_back` need no lock."""
+    written as it ends, kept as bytes until the sender thread takes them. `put` runs under
+    the GIL and calls no Python code between reading the queue and changing it, so the
+    sender's `take` needs no lock."""
 
-    cdef list _ready  # full frames
-    cdef Frame _current  # the frame being written, None until a span comes
-    cdef list _spare  # frames sent and given back, to be written again
-    cdef Py_ssize_t _queued  # records in _ready and _current
+    cdef list _rows
     cdef Py_ssize_t _max
     cdef Py_ssize_t _batch
     cdef object _wake
@@ -456,10 +416,7 @@ cdef class SpanRows:
         `encode_resource`: the frame's head, once; `encode_scope`: a tracer's scope row,
         once per tracer; `limits`: the SpanLimits the relay applies. `wake` is set when a
         batch is full."""
-        self._ready = []
-        self._current = None
-        self._spare = []
-        self._queued = 0
+        self._rows = []
         self._max = max_queue
         self._batch = batch
         self._wake = wake
@@ -477,91 +434,38 @@ cdef class SpanRows:
         """A span ended (the processor's on_end): written and queued, or dropped if the
         queue is full or the span cannot be written; never raised."""
         cdef LeanSpan lean
-        cdef Frame frame
-        cdef bint written = False
         context = span.context
         if self.stopped or not context or not (field(context, TRACE_FLAGS) & SAMPLED):
-            return
-        if self._queued >= self._max:
-            self.dropped += 1
             return
         try:
             if self.resource is None:
                 self.resource = self._encode_resource(span.resource)
+            record = None
             if type(span) is LeanSpan:
                 lean = <LeanSpan>span
                 scope = self._scopes.get(lean._tracer)
                 if scope is None:
                     scope = self._scopes[lean._tracer] = self._encode_scope(lean._tracer.scope_row)
                 try:
-                    written = _write_span(
-                        self, lean, scope, self._max_attributes, self._max_length
-                    )
+                    record = _span_record(lean, scope, self._max_attributes, self._max_length)
                 except Exception:  # a trace state or status that cannot be read: the row's
-                    written = False  # own rules decide
-            if written:
-                frame = self._current
-            else:
+                    record = None  # own rules decide
+            if record is None:
                 record = self._encode_row(span)
-                if type(record) is not bytes:
-                    raise TypeError("a span's row record is bytes")
-                # Found again: the row ran Python code, and a span it ended may have
-                # filled the frame and handed it to the sender.
-                frame = self._frame()
-                if not _room(&frame.out, PyBytes_GET_SIZE(record)):
-                    raise MemoryError
-                _bytes(&frame.out, PyBytes_AS_STRING(record), PyBytes_GET_SIZE(record))
         except Exception:
+            record = None
+        if record is None or len(self._rows) >= self._max:
             self.dropped += 1
             return
-        frame.records += 1
-        self._queued += 1
-        if frame.records >= self._batch:
-            self._close()
-            if not self._wake.is_set():
-                self._wake.set()
-
-    cdef Frame _frame(self):
-        """The frame being written, begun with its head if it is new."""
-        cdef Frame frame = self._current
-        if frame is not None:
-            return frame
-        frame = self._spare.pop() if self._spare else None
-        if frame is None or frame.exports:  # one still read is never written over
-            frame = Frame.__new__(Frame)
-        frame.out.length = 0
-        frame.records = 0
-        cdef Py_ssize_t head = PyBytes_GET_SIZE(self.resource)
-        if not _room(&frame.out, 4 + head):
-            raise MemoryError
-        frame.out.length = 4  # the frame's length: written when it is closed
-        _bytes(&frame.out, PyBytes_AS_STRING(self.resource), head)
-        self._current = frame
-        return frame
-
-    cdef void _close(self):
-        """The frame being written, finished and made ready to send."""
-        cdef Frame frame = self._current
-        _u32(&frame.out, 0, frame.out.length - 4)
-        self._ready.append(frame)
-        self._current = None
+        self._rows.append(record)
+        if len(self._rows) >= self._batch and not self._wake.is_set():
+            self._wake.set()
 
     def take(self):
-        """(frames, how many spans were dropped) since the last take."""
+        """(records, how many were dropped) since the last take."""
         cdef list fresh = []  # made first: making it may run the garbage collector
-        if self._current is not None and self._current.records:
-            self._close()
-        frames = self._ready
-        self._ready = fresh
-        self._queued = 0
+        rows = self._rows
+        self._rows = fresh
         cdef Py_ssize_t dropped = self.dropped
         self.dropped = 0
-        return frames, dropped
-
-    def give_back(self, Frame frame):
-        """A taken frame, sent (or dropped): its memory is written again by a later batch,
-        unless it grew past KEPT_FRAME or is still being read."""
-        if frame.exports == 0 and frame.out.capacity <= KEPT_FRAME and len(self._spare) < 2:
-            frame.out.length = 0
-            frame.records = 0
-            self._spare.append(frame)
+        return rows, dropped
