@@ -338,7 +338,10 @@ def _run(  # noqa: PLR0917
                     for name in exporting:
                         if relays[name] is None:
                             raise RuntimeError(f"no span relay found under the {name!r} server")
-                    before = {name: cpu_seconds(relay) for name, relay in relays.items() if relay}
+                    # Each relay's pid and its CPU so far.
+                    before = {
+                        name: (relay, cpu_seconds(relay)) for name, relay in relays.items() if relay
+                    }
                     requests = dict.fromkeys(servers, 0)
                     worked = dict.fromkeys(servers, 0.0)
                     elapsed = dict.fromkeys(servers, 0.0)  # as wrk timed its slices
@@ -365,9 +368,7 @@ def _run(  # noqa: PLR0917
                         # The workers send a batch every 5 s (OTEL_BSP_SCHEDULE_DELAY):
                         # the round's last spans reach the relay after wrk is done.
                         time.sleep(RELAY_SETTLE_S)
-                        for name, start in before.items():
-                            relay = relays[name]
-                            assert relay is not None
+                        for name, (relay, start) in before.items():
                             relayed[name] += cpu_seconds(relay) - start
                 finally:
                     for server in servers.values():

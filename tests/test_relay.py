@@ -492,7 +492,9 @@ def test_a_span_ended_by_a_finaliser_in_the_middle_of_a_write_keeps_both_records
     provider = LeanTracerProvider(Resource.create({"service.name": "t"}), TracerProvider().sampler)
     provider.add_span_processor(_Queued(queue))
     tracer = provider.get_tracer("api")
-    tracer.start_span("first").end()  # the frame's head and the scope, made beforehand
+    # The resource and the scope encoded now: made later, they would start the collection
+    # before the write this test is about.
+    tracer.start_span("first").end()
     inner = tracer.start_span("ended by a finaliser", attributes={"n": 1})
     outer = tracer.start_span("odd", attributes={"ok": "a", "bad": "caf\udce9"})
 
