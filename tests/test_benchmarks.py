@@ -19,10 +19,12 @@ def test_the_overhead_benchmark_measures_every_server_and_the_relay():
     # Paired in the round: the share on lost against off is the rates' own.
     low, mean, high = result["paired"]["on"]
     assert low == mean == high == 1 - result["on_rps"] / result["off_rps"]
+    assert set(result["paired"]) == {"on", "on_against_logs", "sampled", "ids", "logs", "control"}
     relay = result["relay_us_per_request"]
     assert relay["on"] > 0  # the relay was found, and it did work
     # Only the exporting servers have a relay (a 1 s run at 10% may not cost it a tick).
     assert relay["ids"] == relay["off"] == relay["logs"] == relay["off, again"] == 0
+    overhead.report(result)  # every figure the report prints is in the result
 
 
 def test_the_versus_benchmark_measures_both_checkouts_on_and_off():
