@@ -211,6 +211,12 @@ def paired(rates: dict[str, list[float]], name: str, base: str) -> tuple[float, 
     return interval([1 - a / b for a, b in zip(rates[name], rates[base], strict=True)])
 
 
+def added_us(cpu: dict[str, list[float]], name: str, base: str) -> tuple[float, float, float]:
+    """How many µs of worker CPU a request of `name` cost over one of `base`, round by
+    round (`cpu`: seconds per request, per round): its mean and 95% confidence interval."""
+    return interval([(a - b) * 1e6 for a, b in zip(cpu[name], cpu[base], strict=True)])
+
+
 def measure(
     rounds: int = 6, seconds: float = 10, concurrency: int = 4, slices: int = 5
 ) -> dict[str, Any]:
@@ -243,12 +249,7 @@ def measure(
             "logs": paired(rates, "logs", "off"),
             "control": paired(rates, "off, again", "off"),
         },
-        "worker_us_added": interval(
-            [
-                (on - off) * 1e6
-                for on, off in zip(figures["cpu"]["on"], figures["cpu"]["off"], strict=True)
-            ]
-        ),
+        "worker_us_added": added_us(figures["cpu"], "on", "off"),
         # The worker's CPU over the wall time: near 1 means the worker, not the load
         # generator or the machine, set the pace.
         "worker_busy": {name: statistics.mean(values) for name, values in busy.items()},
@@ -384,10 +385,12 @@ def _run(  # noqa: PLR0917
     }
 
 
-def _share(figure: tuple[float, float, float]) -> str:
-    """A paired share as mean [low, high]; one round has no interval to print."""
+def shown(figure: tuple[float, float, float], spec: str = ".1%", unit: str = "") -> str:
+    """An interval's (low, mean, high) as "mean [low, high]"; one round has no interval
+    to print, just its mean."""
     low, mean, high = figure
-    return f"{mean:.1%}" + (f" [{low:.1%}, {high:.1%}]" if low != high else "")
+    text = f"{mean:{spec}}{unit}"
+    return text if low == high else f"{text} [{low:{spec}}, {high:{spec}}]"
 
 
 def report(result: dict[str, Any]) -> None:
@@ -409,7 +412,7 @@ def report(result: dict[str, Any]) -> None:
     for label, rate, key in rows:
         line = f"  {label + ':':16s} {result[rate]:7.1f} req/s"
         if key is not None:
-            line += f"  {_share(fewer[key])}"
+            line += f"  {shown(fewer[key])}"
         print(line + ("  (the control: this run's resolution)" if key == "control" else ""))
     busy = ", ".join(f"{name} {share:.0%}" for name, share in result["worker_busy"].items())
     print(f"  worker busy:    {busy}")
@@ -418,8 +421,7 @@ def report(result: dict[str, Any]) -> None:
         "  worker CPU per request: "
         + ", ".join(f"{name} {value:.0f} µs" for name, value in cpu.items())
     )
-    low, mean, high = result["worker_us_added"]
-    added = f"{mean:+.1f} µs" + (f" [{low:+.1f}, {high:+.1f}]" if low != high else "")
+    added = shown(result["worker_us_added"], "+.1f", " µs")
     print(f"  worker CPU added by everything on: {added}")
     relay = result["relay_us_per_request"]
     print(
@@ -433,11 +435,11 @@ def report(result: dict[str, Any]) -> None:
     verdicts = []
     for key, against in (("on", "everything off"), ("on_against_logs", "issue 4's off")):
         low, _, high = fewer[key]
-        if low == high:
+        if result["rounds"] < 2:
             verdict = "one round: no interval"
         else:
             verdict = "met" if high <= 0.10 else "not met" if low > 0.10 else "not resolved"
-        verdicts.append(f"against {against} {_share(fewer[key])}, {verdict}")
+        verdicts.append(f"against {against} {shown(fewer[key])}, {verdict}")
     print("target: <= 10% fewer requests/s: " + "; ".join(verdicts))
 
 

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.overhead import OFF, everything_on, run
+from benchmarks.overhead import OFF, added_us, everything_on, paired, run, shown
 from tests.servers import ROOT
 
 
@@ -41,8 +41,11 @@ def measure(
     return {
         "rps": rps,
         "worker_us_per_request": cpu,
-        "overhead": {name: 1 - rps[f"{name} on"] / rps[f"{name} off"] for name in checkouts},
-        "added_us": {name: cpu[f"{name} on"] - cpu[f"{name} off"] for name in checkouts},
+        # Paired round by round, as benchmarks/overhead.py: (low, mean, high).
+        "overhead": {name: paired(rates, f"{name} on", f"{name} off") for name in checkouts},
+        "added_us": {
+            name: added_us(figures["cpu"], f"{name} on", f"{name} off") for name in checkouts
+        },
         "checkouts": {name: str(path) for name, path in checkouts.items()},
         "rounds": rounds,
         "seconds": seconds,
@@ -58,8 +61,8 @@ def report(result: dict[str, Any]) -> None:
         print(f"  {name:9s} {rps:7.1f} req/s, {result['worker_us_per_request'][name]:5.1f} µs")
     for name in ("this", "other"):
         print(
-            f"  {name}: on is {result['overhead'][name]:.1%} fewer requests/s than off, "
-            f"{result['added_us'][name]:+.0f} µs of worker CPU"
+            f"  {name}: on is {shown(result['overhead'][name])} fewer requests/s than off, "
+            f"{shown(result['added_us'][name], '+.0f', ' µs')} of worker CPU"
         )
     this, other = (
         result["worker_us_per_request"]["this on"],
