@@ -186,22 +186,18 @@ def _settings(endpoint: str) -> dict[str, dict[str, str]]:
     }
 
 
-# Student's t, two-sided 95%, by degrees of freedom, 1 to 30 (beyond: 2.0, a little wide).
-_T95 = (
-    *(12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228),
-    *(2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086),
-    *(2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
-)
-
-
 def interval(values: list[float]) -> tuple[float, float, float]:
     """The mean of per-round figures and its 95% confidence interval (low, mean, high);
     one round gives no interval (low = high = the mean)."""
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, mean, mean
-    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 2.0
-    half = t * statistics.stdev(values) / len(values) ** 0.5
+    # Imported here: scipy takes seconds to import, and the servers' OTLP sink imports
+    # this module.
+    from scipy.stats import t as student
+
+    # Student's t, two-sided 95%, with n - 1 degrees of freedom.
+    half = student.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return mean - half, mean, mean + half
 
 

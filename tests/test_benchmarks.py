@@ -68,7 +68,7 @@ def test_the_overheads_interval_is_students_t_over_the_rounds():
     low, mean, high = overhead.interval([0.1, 0.2, 0.3])
     # Two degrees of freedom: t = 4.303; the standard error is 0.1 / sqrt(3).
     assert mean == 0.2
-    assert abs((high - mean) - 4.303 * 0.1 / 3**0.5) < 1e-12
+    assert abs((high - mean) - 4.303 * 0.1 / 3**0.5) < 1e-4  # the table value, rounded
     assert abs((mean - low) - (high - mean)) < 1e-12
     assert overhead.interval([0.15]) == (0.15, 0.15, 0.15)
 
