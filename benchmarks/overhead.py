@@ -56,6 +56,10 @@ RELAY_SETTLE_S = 5.5
 
 
 class _Sink(BaseHTTPRequestHandler):
+    # Keep-alive, as a collector's OTLP/HTTP receiver: with HTTP/1.0 the relay opened a
+    # connection, and this server a thread, for every batch.
+    protocol_version = "HTTP/1.1"
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(200)
@@ -213,6 +217,13 @@ def added_us(cpu: dict[str, list[float]], name: str, base: str) -> tuple[float, 
     return interval([(a - b) * 1e6 for a, b in zip(cpu[name], cpu[base], strict=True)])
 
 
+def us_per_request(cpu: dict[str, list[float]]) -> dict[str, float]:
+    """Each setting's worker CPU per request in µs (`cpu`: seconds per request, per round):
+    the mean of its rounds, as `added_us` is the mean of their differences, so the two
+    agree exactly."""
+    return {name: statistics.mean(values) * 1e6 for name, values in cpu.items()}
+
+
 def measure(
     rounds: int = 6, seconds: float = 10, concurrency: int = 4, slices: int = 5
 ) -> dict[str, Any]:
@@ -224,7 +235,7 @@ def measure(
         slices,
     )
     rates, busy = figures["rates"], figures["busy"]
-    spent, relayed, served = figures["spent"], figures["relayed"], figures["served"]
+    relayed, served = figures["relayed"], figures["served"]
     configs = list(rates)
     mean = {name: statistics.mean(values) for name, values in rates.items()}
     return {
@@ -251,7 +262,7 @@ def measure(
         "worker_busy": {name: statistics.mean(values) for name, values in busy.items()},
         # The same cost in the worker's CPU per request, which does not depend on whether
         # the load generator kept the worker busy.
-        "worker_us_per_request": {name: spent[name] / served[name] * 1e6 for name in configs},
+        "worker_us_per_request": us_per_request(figures["cpu"]),
         # What the span relay spends on another core. With a replica's every core running
         # a worker, as in production, the relay takes its CPU from them: worker and relay
         # together are what a saturated replica pays per request.
@@ -277,7 +288,7 @@ def run(
     """Each configuration (`configs_for(the OTLP sink's endpoint)`) served by one worker,
     loaded by wrk for `seconds` a round, in `slices` shuffled passes: per configuration,
     each round's requests/s, worker busy share and worker CPU seconds per request, and over
-    all rounds the worker's and the span relay's CPU seconds and the requests served."""
+    all rounds the span relay's CPU seconds and the requests served."""
     if slices < 1 or seconds / slices < 1 or seconds % slices:
         raise ValueError("wrk runs whole seconds: `seconds` must be a multiple of `slices`")
     everywhere = os.sched_getaffinity(0)
@@ -310,7 +321,6 @@ def _run(  # noqa: PLR0917
     rates: dict[str, list[float]] = {name: [] for name in configs}
     busy: dict[str, list[float]] = {name: [] for name in configs}
     cpu: dict[str, list[float]] = {name: [] for name in configs}  # per request, per round
-    spent = dict.fromkeys(configs, 0.0)  # worker CPU seconds
     relayed = dict.fromkeys(configs, 0.0)  # span relay CPU seconds
     served = dict.fromkeys(configs, 0)  # requests
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -358,7 +368,6 @@ def _run(  # noqa: PLR0917
                         rates[name].append(requests[name] / elapsed[name])
                         busy[name].append(worked[name] / elapsed[name])
                         cpu[name].append(worked[name] / requests[name])
-                        spent[name] += worked[name]
                         served[name] += requests[name]
                     if before:
                         # The workers send a batch every 5 s (OTEL_BSP_SCHEDULE_DELAY):
@@ -375,7 +384,6 @@ def _run(  # noqa: PLR0917
         "rates": rates,
         "busy": busy,
         "cpu": cpu,
-        "spent": spent,
         "relayed": relayed,
         "served": served,
     }

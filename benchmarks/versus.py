@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.overhead import OFF, added_us, everything_on, paired, run, shown
+from benchmarks.overhead import OFF, added_us, everything_on, paired, run, shown, us_per_request
 from tests.servers import ROOT
 
 
@@ -35,17 +35,17 @@ def measure(
         seconds,
         concurrency,
     )
-    rates, spent, served = figures["rates"], figures["spent"], figures["served"]
-    rps = {name: statistics.mean(values) for name, values in rates.items()}
-    cpu = {name: spent[name] / served[name] * 1e6 for name in rates}
+    rates = figures["rates"]
     return {
-        "rps": rps,
-        "worker_us_per_request": cpu,
+        "rps": {name: statistics.mean(values) for name, values in rates.items()},
+        "worker_us_per_request": us_per_request(figures["cpu"]),
         # Paired round by round, as benchmarks/overhead.py: (low, mean, high).
         "overhead": {name: paired(rates, f"{name} on", f"{name} off") for name in checkouts},
         "added_us": {
             name: added_us(figures["cpu"], f"{name} on", f"{name} off") for name in checkouts
         },
+        # Everything on, this checkout's worker CPU per request over the other's.
+        "this_over_other_us": added_us(figures["cpu"], "this on", "other on"),
         "checkouts": {name: str(path) for name, path in checkouts.items()},
         "rounds": rounds,
         "seconds": seconds,
@@ -64,11 +64,8 @@ def report(result: dict[str, Any]) -> None:
             f"  {name}: on is {shown(result['overhead'][name])} fewer requests/s than off, "
             f"{shown(result['added_us'][name], '+.0f', ' µs')} of worker CPU"
         )
-    this, other = (
-        result["worker_us_per_request"]["this on"],
-        result["worker_us_per_request"]["other on"],
-    )
-    print(f"  everything on, this against the other: {this - other:+.1f} µs a request")
+    this_over_other = shown(result["this_over_other_us"], "+.1f", " µs")
+    print(f"  everything on, this against the other: {this_over_other} a request")
 
 
 def main() -> None:

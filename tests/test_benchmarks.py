@@ -20,6 +20,10 @@ def test_the_overhead_benchmark_measures_every_server_and_the_relay():
     low, mean, high = result["paired"]["on"]
     assert low == mean == high == 1 - result["on_rps"] / result["off_rps"]
     assert set(result["paired"]) == {"on", "on_against_logs", "sampled", "ids", "logs", "control"}
+    # Worker CPU per request has one definition: what "on" adds is the difference of the two.
+    cpu = result["worker_us_per_request"]
+    assert min(cpu.values()) > 0
+    assert abs(result["worker_us_added"][1] - (cpu["on"] - cpu["off"])) < 1e-6
     relay = result["relay_us_per_request"]
     assert relay["on"] > 0  # the relay was found, and it did work
     # Only the exporting servers have a relay (a 1 s run at 10% may not cost it a tick).
@@ -31,7 +35,9 @@ def test_the_versus_benchmark_measures_both_checkouts_on_and_off():
     result = versus.measure(ROOT, rounds=1, seconds=1, concurrency=2)  # this one, twice
     assert set(result["rps"]) == {"this on", "this off", "other on", "other off"}
     assert min(result["rps"].values()) > 0
-    assert min(result["worker_us_per_request"].values()) > 0
+    cpu = result["worker_us_per_request"]
+    assert min(cpu.values()) > 0
+    assert abs(result["this_over_other_us"][1] - (cpu["this on"] - cpu["other on"])) < 1e-6
     versus.report(result)  # every figure the report prints is in the result
 
 
