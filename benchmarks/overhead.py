@@ -218,9 +218,9 @@ def added_us(cpu: dict[str, list[float]], name: str, base: str) -> tuple[float, 
 
 
 def us_per_request(cpu: dict[str, list[float]]) -> dict[str, float]:
-    """Each setting's worker CPU per request in µs (`cpu`: seconds per request, per round):
-    the mean of its rounds, as `added_us` is the mean of their differences, so the two
-    agree exactly."""
+    """Each setting's CPU per request in µs (`cpu`: seconds per request, per round): the
+    mean of its rounds, as `added_us` is the mean of their differences, so the two agree
+    exactly."""
     return {name: statistics.mean(values) * 1e6 for name, values in cpu.items()}
 
 
@@ -235,8 +235,6 @@ def measure(
         slices,
     )
     rates, busy = figures["rates"], figures["busy"]
-    relayed, served = figures["relayed"], figures["served"]
-    configs = list(rates)
     mean = {name: statistics.mean(values) for name, values in rates.items()}
     return {
         "on_rps": mean["on"],
@@ -266,7 +264,7 @@ def measure(
         # What the span relay spends on another core. With a replica's every core running
         # a worker, as in production, the relay takes its CPU from them: worker and relay
         # together are what a saturated replica pays per request.
-        "relay_us_per_request": {name: relayed[name] / served[name] * 1e6 for name in configs},
+        "relay_us_per_request": us_per_request(figures["relay_cpu"]),
         "rounds": rounds,
         "seconds": seconds,
         "slices": slices,
@@ -287,8 +285,8 @@ def run(
 ) -> dict[str, Any]:
     """Each configuration (`configs_for(the OTLP sink's endpoint)`) served by one worker,
     loaded by wrk for `seconds` a round, in `slices` shuffled passes: per configuration,
-    each round's requests/s, worker busy share and worker CPU seconds per request, and over
-    all rounds the span relay's CPU seconds and the requests served."""
+    each round's requests/s, worker busy share, and worker and span relay CPU seconds per
+    request (0 for a server without a relay)."""
     if slices < 1 or seconds / slices < 1 or seconds % slices:
         raise ValueError("wrk runs whole seconds: `seconds` must be a multiple of `slices`")
     everywhere = os.sched_getaffinity(0)
@@ -320,9 +318,9 @@ def _run(  # noqa: PLR0917
     exporting = [name for name, (env, _) in configs.items() if _exports(env)]
     rates: dict[str, list[float]] = {name: [] for name in configs}
     busy: dict[str, list[float]] = {name: [] for name in configs}
-    cpu: dict[str, list[float]] = {name: [] for name in configs}  # per request, per round
-    relayed = dict.fromkeys(configs, 0.0)  # span relay CPU seconds
-    served = dict.fromkeys(configs, 0)  # requests
+    # CPU seconds per request, per round: the worker's, and the span relay's
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
+    relay_cpu: dict[str, list[float]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         redis_server = RedisServer(tmp / "redis")
@@ -368,13 +366,15 @@ def _run(  # noqa: PLR0917
                         rates[name].append(requests[name] / elapsed[name])
                         busy[name].append(worked[name] / elapsed[name])
                         cpu[name].append(worked[name] / requests[name])
-                        served[name] += requests[name]
                     if before:
                         # The workers send a batch every 5 s (OTEL_BSP_SCHEDULE_DELAY):
                         # the round's last spans reach the relay after wrk is done.
                         time.sleep(RELAY_SETTLE_S)
-                        for name, (relay, start) in before.items():
-                            relayed[name] += cpu_seconds(relay) - start
+                    for name in servers:
+                        relay_spent = 0.0
+                        if name in before:
+                            relay_spent = cpu_seconds(before[name][0]) - before[name][1]
+                        relay_cpu[name].append(relay_spent / requests[name])
                 finally:
                     for server in servers.values():
                         server.stop()
@@ -384,8 +384,7 @@ def _run(  # noqa: PLR0917
         "rates": rates,
         "busy": busy,
         "cpu": cpu,
-        "relayed": relayed,
-        "served": served,
+        "relay_cpu": relay_cpu,
     }
 
 
