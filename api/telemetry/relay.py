@@ -408,15 +408,27 @@ def to_otlp(payload: bytes, limits: SpanLimits | None = None) -> bytes:
 
 
 class OtlpSender:
-    """Posts encoded OTLP requests with the SDK exporter's own HTTP client: endpoint,
-    headers, timeout, compression and retries as OTEL_EXPORTER_OTLP_* configure them.
-    (`_client` is private to the exporter; the version is pinned and the relay's test
-    sends through it to a real receiver.)"""
+    """Posts encoded OTLP requests with the SDK exporter's own client: endpoint, headers,
+    timeout, compression and retries as OTEL_EXPORTER_OTLP_* configure them, over one
+    kept-alive connection to a plain-HTTP collector (api/telemetry/transport.py) and the
+    exporter's own transport otherwise. (`_client` and `_resolve_endpoint` are private to
+    the exporter; the version is pinned and the relay's tests send through it to real
+    receivers.)"""
 
     def __init__(self) -> None:
+        from opentelemetry.exporter.otlp.proto.http._common import _resolve_endpoint
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
 
-        self._exporter = OTLPSpanExporter()
+        from api.telemetry.transport import lean_transport
+
+        self.endpoint = _resolve_endpoint(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "v1/traces")
+        self.transport = lean_transport(self.endpoint)
+        self._exporter = (
+            OTLPSpanExporter(self.endpoint, _transport=self.transport)
+            if self.transport is not None
+            else OTLPSpanExporter(self.endpoint)
+        )
 
     def send(self, request: bytes) -> bool:
         return bool(self._exporter._client.export(request).success)
