@@ -116,6 +116,8 @@ class KeptAliveTransport(BaseHTTPTransport):
         return isinstance(exception, (OSError, http.client.HTTPException))
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        # Also called by the exporter's shutdown, from another thread, while a post may
+        # still be failing on this one: take the connection once.
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
