@@ -6,8 +6,10 @@ the collector drops, a collector that never answers, and the cases it leaves to
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
+import os
 import socket
 import threading
 import time
@@ -126,13 +128,13 @@ def test_what_arrives_is_what_the_exporter_sends(
     ours, theirs = collector.posts
     assert ours.path == theirs.path == "/v1/traces"
     assert gzip.decompress(ours.body) == gzip.decompress(theirs.body) == request
+    # The premise: what went is a real request with spans, not an empty body.
     assert ExportTraceServiceRequest.FromString(request).resource_spans[0].scope_spans
     # Every header the exporter asks for arrives the same. What differs is each HTTP
     # client's own: requests offers compressed replies, http.client does not.
     for name in ("content-type", "user-agent", "content-encoding", "x-tenant", "authorization"):
         assert ours.headers[name] == theirs.headers[name], name
     assert ours.headers["authorization"] == "Bearer t0k"
-    assert ours.headers["content-length"] == str(len(ours.body))
     sender.shutdown()
     exporter.shutdown()
 
@@ -164,10 +166,16 @@ def test_retries_are_the_exporters(
 
 def test_a_reply_s_headers_are_read_whatever_their_case(collector: Collector) -> None:
     """The client reads Retry-After in lower case; a collector may write it in any."""
-    collector.script = [(503, {"Retry-After": "7"})]
-    reply = KeptAliveTransport().request("POST", f"{collector.endpoint}/v1/traces", data=b"x")
+    collector.script = [(503, {"Retry-After": "7", "X-Note": "a"}), (503, {"x-note": "b"})]
+    transport = KeptAliveTransport()
+    try:
+        reply = transport.request("POST", f"{collector.endpoint}/v1/traces", data=b"x")
+    finally:
+        transport.close()
     assert reply.status_code == 503
     assert reply.headers().get("retry-after") == reply.headers()["RETRY-AFTER"] == "7"
+    with pytest.raises(KeyError):
+        reply.headers()["absent"]  # a Mapping, as the base class asks
 
 
 def test_posts_share_a_connection_and_outlive_the_collector_dropping_it(
@@ -197,9 +205,53 @@ def test_a_collector_that_never_answers_costs_the_timeout(
         sender = relay.OtlpSender()
         assert sender.transport is not None
         started = time.monotonic()
-        assert not sender.send(_request())
-        assert time.monotonic() - started < 3
+        result = sender._exporter._client.export(_request())
+        waited = time.monotonic() - started
         sender.shutdown()
+    assert not result.success
+    assert isinstance(result.error, TimeoutError)
+    assert 0.9 < waited < 3  # the timeout, once: no retry fits in what is left of it
+
+
+def _answers_early(server: socket.socket, accepted: list[socket.socket]) -> None:
+    """A collector that refuses a post from its headers alone (too large), answers, and
+    closes without reading the body, as a proxy with a body limit does."""
+    with contextlib.suppress(OSError):
+        while True:
+            connection = server.accept()[0]
+            accepted.append(connection)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            time.sleep(0.2)  # the client is still sending: closing now resets its send
+            connection.close()
+
+
+def test_a_collector_that_refuses_before_reading_the_body_is_heard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not retried until the timeout: the 413 is the answer, as the exporter hears it."""
+    for name in _PROXIES:
+        monkeypatch.delenv(name, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        accepted: list[socket.socket] = []
+        threading.Thread(target=_answers_early, args=(server, accepted), daemon=True).start()
+        monkeypatch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}"
+        )
+        sender, exporter = _both()
+        big = os.urandom(8 * 1024 * 1024)  # more than the socket buffers hold
+        outcomes = []
+        for client in (sender._exporter._client, exporter._client):
+            accepted.clear()
+            result = client.export(big)
+            outcomes.append((result.success, result.status_code, len(accepted)))
+        sender.shutdown()
+        exporter.shutdown()
+    assert outcomes[0] == outcomes[1] == (False, 413, 1)
 
 
 def test_what_requests_would_do_differently_is_left_to_requests(
@@ -224,3 +276,10 @@ def test_what_requests_would_do_differently_is_left_to_requests(
     sender.shutdown()
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # ...unless the endpoint is exempt
     assert lean_transport("http://127.0.0.1:9/v1/traces") is not None
+    monkeypatch.delenv("HTTP_PROXY")  # NO_PROXY alone, as many clusters set it
+    monkeypatch.setenv("NO_PROXY", ".svc.cluster.local")
+    assert lean_transport("http://127.0.0.1:9/v1/traces") is not None
+
+    # What requests would reject or rewrite, it does itself.
+    assert lean_transport("http://127.0.0.1:43l8/v1/traces") is None  # not a port
+    assert lean_transport("http://127.0.0.1:4318/v1/my traces") is None  # escaped by requests
