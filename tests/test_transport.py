@@ -84,14 +84,14 @@ class Collector:
 
 
 @pytest.fixture(autouse=True)
-def _sdk_on(monkeypatch: pytest.MonkeyPatch) -> None:
+def _environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "false")  # conftest turns it off for apps
+    for name in _PROXIES:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
 def collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
-    for name in _PROXIES:
-        monkeypatch.delenv(name, raising=False)
     running = Collector(idle_timeout=0.5)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", running.endpoint)
     yield running
@@ -195,8 +195,6 @@ def test_posts_share_a_connection_and_outlive_the_collector_dropping_it(
 def test_a_collector_that_never_answers_costs_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in _PROXIES:
-        monkeypatch.delenv(name, raising=False)
     with socket.create_server(("127.0.0.1", 0)) as hung:  # accepts, never replies
         monkeypatch.setenv(
             "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{hung.getsockname()[1]}"
@@ -234,8 +232,6 @@ def test_a_collector_that_refuses_before_reading_the_body_is_heard(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Not retried until the timeout: the 413 is the answer, as the exporter hears it."""
-    for name in _PROXIES:
-        monkeypatch.delenv(name, raising=False)
     with socket.create_server(("127.0.0.1", 0)) as server:
         accepted: list[socket.socket] = []
         threading.Thread(target=_answers_early, args=(server, accepted), daemon=True).start()

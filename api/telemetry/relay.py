@@ -422,12 +422,12 @@ class OtlpSender:
 
         from api.telemetry.transport import lean_transport
 
-        self.endpoint = _resolve_endpoint(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "v1/traces")
-        self.transport = lean_transport(self.endpoint)
+        endpoint = _resolve_endpoint(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "v1/traces")
+        self.transport = lean_transport(endpoint)
         self._exporter = (
-            OTLPSpanExporter(self.endpoint, _transport=self.transport)
+            OTLPSpanExporter(endpoint, _transport=self.transport)
             if self.transport is not None
-            else OTLPSpanExporter(self.endpoint)
+            else OTLPSpanExporter(endpoint)
         )
 
     def send(self, request: bytes) -> bool:
