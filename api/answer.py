@@ -25,6 +25,11 @@ from api.store import Hit, VectorStore
 from api.telemetry import metrics
 
 log = structlog.get_logger(__name__)
+# Cache lookups, counted on every question.
+_ANSWER_HIT = telemetry.counted(metrics.CACHE_REQUESTS, layer="answer", result="hit")
+_ANSWER_MISS = telemetry.counted(metrics.CACHE_REQUESTS, layer="answer", result="miss")
+_EMBEDDING_HIT = telemetry.counted(metrics.CACHE_REQUESTS, layer="embedding", result="hit")
+_EMBEDDING_MISS = telemetry.counted(metrics.CACHE_REQUESTS, layer="embedding", result="miss")
 
 
 @dataclass(frozen=True)
@@ -78,9 +83,7 @@ class QueryService:
         key = embedding_key(self._embedder.model_id, text)
         if self._cache is not None:
             hit = self._cache.get_embedding(key)
-            telemetry.count(
-                metrics.CACHE_REQUESTS, layer="embedding", result="miss" if hit is None else "hit"
-            )
+            (_EMBEDDING_MISS if hit is None else _EMBEDDING_HIT).inc()
             if hit is not None:
                 return hit
         with telemetry.stage("embed", metrics.EMBED_DURATION, {"kind": "query"}):
@@ -181,9 +184,7 @@ class QueryService:
                 if hit and parse:
                     parsed = _parsed(record)
                     hit = parsed is not None
-                telemetry.count(
-                    metrics.CACHE_REQUESTS, layer="answer", result="hit" if hit else "miss"
-                )
+                (_ANSWER_HIT if hit else _ANSWER_MISS).inc()
                 if hit:
                     telemetry.note(cached=True)
                     return _Opened(started, key, cached=record, record=parsed)

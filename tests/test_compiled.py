@@ -39,6 +39,39 @@ def test_a_counter_refuses_to_go_down() -> None:
         telemetry.count(metrics.ERRORS, -1, type="internal")
 
 
+def test_a_counted_series_adds_where_count_adds_and_is_found_once_when_first_counted() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from api import telemetry
+    from api.telemetry import flusher, tallies
+
+    counter = Counter("hits", "h", ["layer"], registry=CollectorRegistry())
+    found = []
+
+    def resolve() -> tallies.Tally:
+        found.append(True)
+        return telemetry.child(counter, layer="answer")
+
+    counted = tallies.Counted(resolve)
+    with flusher._running:  # no flusher thread writes in between
+        assert found == []  # made at import: nothing is looked up until it counts
+        counted.inc()
+        counted.inc(2)
+        telemetry.count(counter, 4, layer="answer")
+        telemetry.counted(counter, layer="answer").inc(8)
+        assert found == [True]
+        with pytest.raises(ValueError, match="only go up"):
+            counted.inc(-1)
+        telemetry.enable_metrics(False)
+        try:
+            counted.inc(16)
+            telemetry.counted(counter, layer="answer").inc(32)
+        finally:
+            telemetry.enable_metrics(True)
+        tallies.flush()
+    assert counter.labels(layer="answer")._value.get() == 15
+
+
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)
 def test_the_compiled_module_is_not_older_than_its_sources(source: Path) -> None:
     module = importlib.import_module(f"api.telemetry.{source.stem}")

@@ -7,6 +7,7 @@ for HTTP, Redis, Chroma and the LLM — is recorded without it knowing.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,15 +17,16 @@ from typing import Any
 from opentelemetry.trace import Span
 from prometheus_client import Counter, Gauge, Histogram
 
-from api.telemetry import metrics
+from api.telemetry import metrics, tallies
 from api.telemetry.logs import configure_logging, gunicorn_logconfig
-from api.telemetry.tallies import Series, Tally
+from api.telemetry.tallies import Counted, Series, Tally
 from api.telemetry.traces import current_trace_id, setup_tracing, shutdown_tracing, tracer
 
 __all__ = [
     "child",
     "configure_logging",
     "count",
+    "counted",
     "current_trace_id",
     "enable_metrics",
     "gunicorn_logconfig",
@@ -47,6 +49,7 @@ _metrics_on = True
 def enable_metrics(on: bool) -> None:
     global _metrics_on
     _metrics_on = on
+    tallies.enable(on)
 
 
 def metrics_enabled() -> bool:
@@ -73,6 +76,12 @@ def child(metric: Counter | Gauge, **labels: str) -> Tally:
         labelled = metric.labels(**labels) if labels else metric
         found = _children[key] = Tally(labelled._value)
     return found
+
+
+def counted(counter: Counter, **labels: str) -> Counted:
+    """`count(counter, **labels)` for a path that runs on every request: made once (at
+    import), its `inc` is a C call."""
+    return Counted(functools.partial(child, counter, **labels))
 
 
 _series: dict[tuple[Any, ...], Series] = {}

@@ -35,7 +35,7 @@ from api.telemetry.spancontext cimport (
     TRACE_ID,
     field,
 )
-from api.telemetry.tallies cimport LineQueue, Series, Tally
+from api.telemetry.tallies cimport LineQueue, Series, Tally, enabled as metrics_enabled
 
 
 cdef extern from "Python.h":
@@ -255,7 +255,7 @@ cdef class Recorder:
         request.notes_token = _NOTES_VAR.set(request.notes)
         request.id_token = _REQUEST_ID_VAR.set(request.request_id)
         cdef Tally active
-        if telemetry._metrics_on:  # telemetry.metrics_enabled(), without the call
+        if metrics_enabled():
             active = self._active.get(method)
             if active is None:
                 active = self._active[method] = telemetry.child(

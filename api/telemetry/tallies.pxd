@@ -2,6 +2,9 @@
 # What tallies.pyx declares for the other compiled modules (cimport): the request path
 # calls these as C functions, not as Python methods.
 
+cdef bint enabled() noexcept  # metrics on (telemetry.enable_metrics)
+
+
 cdef class _Pending:
     cdef void _write(self) except *
     cdef void _forget(self) noexcept
@@ -12,6 +15,12 @@ cdef class Tally(_Pending):
     cdef double _pending
     cpdef void inc(self, double amount=*)
     cpdef void dec(self, double amount=*)
+
+
+cdef class Counted:
+    cdef object _resolve
+    cdef Tally _tally
+    cpdef void inc(self, double amount=*) except *
 
 
 cdef class Series(_Pending):
