@@ -15,6 +15,7 @@ Python API.
 `make install` (pip install -e .) builds it; after editing this file, run it again.
 """
 
+from cpython.contextvars cimport PyContextVar_Reset, PyContextVar_Set
 from libc.math cimport round as round_half_away
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
@@ -252,8 +253,9 @@ cdef class Recorder:
             # On the caller's context, so its baggage goes on with the trace.
             request.span_token = attach(with_span(span, parent))
         request.notes = {}
-        request.notes_token = _NOTES_VAR.set(request.notes)
-        request.id_token = _REQUEST_ID_VAR.set(request.request_id)
+        # The C API's calls, not the variables' methods: no method lookup per request.
+        request.notes_token = PyContextVar_Set(_NOTES_VAR, request.notes)
+        request.id_token = PyContextVar_Set(_REQUEST_ID_VAR, request.request_id)
         cdef Tally active
         if metrics_enabled():
             active = self._active.get(method)
@@ -352,8 +354,8 @@ cdef class Request:
                 fields.update(self.notes)
             span_id = None if trace_id is None else field(context, SPAN_ID)
             _access(fields, self.request_id, trace_id, span_id)
-        _REQUEST_ID_VAR.reset(self.id_token)
-        _NOTES_VAR.reset(self.notes_token)
+        PyContextVar_Reset(_REQUEST_ID_VAR, self.id_token)
+        PyContextVar_Reset(_NOTES_VAR, self.notes_token)
         if span is None:
             return
         name = f"{self.span_method} {template}"

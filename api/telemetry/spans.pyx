@@ -34,6 +34,7 @@ extension types, registered as the API's `Span` and `Tracer` (the API checks
 when the runtime context is the default one, as OpenTelemetry's own would.
 """
 
+from cpython.contextvars cimport PyContextVar_Reset, PyContextVar_Set, get_value
 from cpython.dict cimport PyDict_Copy, PyDict_SetItem
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_SET_ITEM
@@ -90,8 +91,8 @@ _INTERNAL = SpanKind.INTERNAL
 _getrandbits = random.getrandbits  # reseeded in every forked worker by the random module
 _Context = context_api.Context
 # The default runtime context keeps the current Context in one ContextVar; read and set
-# it directly (what its get_current/attach do). Another runtime (OTEL_PYTHON_CONTEXT)
-# goes through the API.
+# it directly, with the C API's calls rather than the variable's methods (what its
+# get_current/attach do). Another runtime (OTEL_PYTHON_CONTEXT) goes through the API.
 _CURRENT = (
     _RUNTIME_CONTEXT._current_context
     if type(_RUNTIME_CONTEXT) is ContextVarsRuntimeContext
@@ -102,14 +103,14 @@ _CURRENT = (
 cpdef object current_context():
     """The current OpenTelemetry Context (`opentelemetry.context.get_current()`)."""
     if _CURRENT is not None:
-        return _CURRENT.get()
+        return get_value(_CURRENT)  # the variable's default (an empty Context) if unset
     return context_api.get_current()
 
 
 cpdef object attach(object context):
     """`opentelemetry.context.attach`."""
     if _CURRENT is not None:
-        return _CURRENT.set(context)
+        return PyContextVar_Set(_CURRENT, context)
     return context_api.attach(context)
 
 
@@ -118,7 +119,7 @@ cpdef void detach(object token):
     raised, by the API's own function."""
     if _CURRENT is not None:
         try:
-            _CURRENT.reset(token)
+            PyContextVar_Reset(_CURRENT, token)
             return
         except Exception:
             pass
