@@ -1,7 +1,8 @@
 """Logs, metrics and traces: set up here, recorded by the middleware and by `stage()`.
 
-Service code marks its stages (`with stage(...)`) and notes facts about the request
-(`note(cached=True)`); everything else — request ids, RED metrics, the access log, spans
+Service code marks its stages (`with stage(...)`), notes facts about the request
+(`note(cached=True)`) and counts events (`count`, or `counted` on a path every request
+takes); everything else — request ids, RED metrics, the access log, spans
 for HTTP, Redis, Chroma and the LLM — is recorded without it knowing.
 """
 
