@@ -25,6 +25,7 @@ from api.store import Hit, VectorStore
 from api.telemetry import metrics
 
 log = structlog.get_logger(__name__)
+
 # Cache lookups, counted on every question.
 _ANSWER_HIT = telemetry.counted(metrics.CACHE_REQUESTS, layer="answer", result="hit")
 _ANSWER_MISS = telemetry.counted(metrics.CACHE_REQUESTS, layer="answer", result="miss")

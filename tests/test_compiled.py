@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,30 +47,67 @@ def test_a_counted_series_adds_where_count_adds_and_is_found_once_when_first_cou
     from api.telemetry import flusher, tallies
 
     counter = Counter("hits", "h", ["layer"], registry=CollectorRegistry())
-    found = []
+    found: list[str] = []
 
-    def resolve() -> tallies.Tally:
-        found.append(True)
-        return telemetry.child(counter, layer="answer")
+    def resolver(name: str) -> Callable[[], tallies.Tally]:
+        def resolve() -> tallies.Tally:
+            found.append(name)
+            return telemetry.child(counter, layer="answer")
 
-    counted = tallies.Counted(resolve)
+        return resolve
+
+    counted = tallies.Counted(resolver("on"))
+    only_off = tallies.Counted(resolver("off"))  # counted only while metrics are off
     with flusher._running:  # no flusher thread writes in between
         assert found == []  # made at import: nothing is looked up until it counts
         counted.inc()
         counted.inc(2)
         telemetry.count(counter, 4, layer="answer")
         telemetry.counted(counter, layer="answer").inc(8)
-        assert found == [True]
+        assert found == ["on"]
         with pytest.raises(ValueError, match="only go up"):
             counted.inc(-1)
         telemetry.enable_metrics(False)
         try:
             counted.inc(16)
-            telemetry.counted(counter, layer="answer").inc(32)
+            only_off.inc(32)
+            with pytest.raises(ValueError, match="only go up"):  # as count(), on or off
+                only_off.inc(-1)
         finally:
             telemetry.enable_metrics(True)
         tallies.flush()
+    assert found == ["on"]  # nothing was looked up while metrics were off
     assert counter.labels(layer="answer")._value.get() == 15
+
+
+def test_the_request_recorder_follows_the_metrics_switch() -> None:
+    """The compiled recorder reads the switch enable_metrics sets: off, a request makes
+    no duration series; on, it does."""
+    from starlette.types import Message
+
+    from api import telemetry
+    from api.telemetry import recording
+
+    class Route:
+        path = "/metrics-switch-probe"
+
+    scope = {"type": "http", "path": Route.path, "method": "GET", "headers": [], "route": Route}
+
+    async def send(message: Message) -> None:
+        pass
+
+    def series_made() -> bool:
+        return any(Route.path in repr(key) for key in telemetry._series)
+
+    recorder = recording.Recorder(access_log_on=False, tracing_on=False)
+    telemetry.enable_metrics(False)
+    try:
+        recorder.begin(scope, send).finish(scope)
+    finally:
+        telemetry.enable_metrics(True)
+    assert not series_made()
+    recorder.begin(scope, send).finish(scope)
+    assert series_made()
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)

@@ -44,7 +44,7 @@ __all__ = [
 
 # Facts about the current request for its access log line, filled in by service code.
 request_notes: ContextVar[dict[str, Any] | None] = ContextVar("request_notes", default=None)
-_metrics_on = True
+_metrics_on = True  # set through enable_metrics only: it sets the compiled code's switch too
 
 
 def enable_metrics(on: bool) -> None:

@@ -88,10 +88,10 @@ cdef class Counted:
         self._tally = None
 
     cpdef void inc(self, double amount=1.0) except *:
+        if amount < 0:  # as prometheus_client's Counter.inc, and count(), on or off
+            raise ValueError(f"counters only go up; {amount} given")
         if not _on:
             return
-        if amount < 0:  # as prometheus_client's Counter.inc
-            raise ValueError(f"counters only go up; {amount} given")
         if self._tally is None:
             self._tally = self._resolve()
         self._tally._pending += amount
