@@ -33,6 +33,7 @@ The span relay's own CPU is reported too: it is work moved off the worker, not w
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
@@ -446,5 +447,20 @@ def report(result: dict[str, Any]) -> None:
     print("target: <= 10% fewer requests/s: " + "; ".join(verdicts))
 
 
+def _rounds(text: str) -> int:
+    rounds = int(text)
+    if rounds < 1:
+        raise argparse.ArgumentTypeError("at least one round")
+    return rounds
+
+
 if __name__ == "__main__":
-    report(measure())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--rounds",
+        type=_rounds,
+        default=6,
+        help="paired rounds, each of fresh servers (default 6, ~10 min on 2 cores; "
+        "docs/BENCHMARKS.md's session 18 figure rests on 48)",
+    )
+    report(measure(parser.parse_args().rounds))
