@@ -44,17 +44,14 @@ __all__ = [
 
 # Facts about the current request for its access log line, filled in by service code.
 request_notes: ContextVar[dict[str, Any] | None] = ContextVar("request_notes", default=None)
-_metrics_on = True  # set through enable_metrics only: it sets the compiled code's switch too
 
 
 def enable_metrics(on: bool) -> None:
-    global _metrics_on
-    _metrics_on = on
-    tallies.enable(on)
+    tallies.enable(on)  # the one switch, read by the compiled code as a C call
 
 
 def metrics_enabled() -> bool:
-    return _metrics_on
+    return tallies.enabled()
 
 
 def note(**fields: Any) -> None:
@@ -99,14 +96,14 @@ def series(histogram: Histogram, **labels: str) -> Series:
 
 def observe(histogram: Histogram, value: float, **labels: str) -> None:
     """Record a duration, with the current trace as its exemplar when there is one."""
-    if _metrics_on:
+    if tallies.enabled():
         series(histogram, **labels).observe(value, current_trace_id())
 
 
 def count(counter: Counter, amount: float = 1, **labels: str) -> None:
     if amount < 0:  # as prometheus_client's Counter.inc: a counter only goes up
         raise ValueError(f"counters only go up; {amount} given")
-    if _metrics_on:
+    if tallies.enabled():
         child(counter, **labels).inc(amount)
 
 

@@ -2,7 +2,7 @@
 # What tallies.pyx declares for the other compiled modules (cimport): the request path
 # calls these as C functions, not as Python methods.
 
-cdef bint enabled() noexcept  # metrics on (telemetry.enable_metrics)
+cpdef bint enabled() noexcept  # metrics on (telemetry.enable_metrics)
 
 
 cdef class _Pending:

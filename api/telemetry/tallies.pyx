@@ -21,17 +21,17 @@ from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 import os
 
 cdef list _all = []  # every Tally and Series of this process
-cdef bint _on = True  # metrics recorded at all (telemetry.enable_metrics)
+cdef bint _on = True  # metrics recorded at all: the one switch (telemetry.enable_metrics)
 
 
 def enable(bint on):
-    """Metrics on or off for every `Counted` and the request recorder
-    (telemetry.enable_metrics sets it)."""
+    """Metrics on or off, for the service code's counts and observations, `Counted`, and
+    the request recorder."""
     global _on
     _on = on
 
 
-cdef bint enabled() noexcept:
+cpdef bint enabled() noexcept:
     return _on
 
 
